@@ -1,0 +1,126 @@
+"""Boot tests of the platform: the patched QEMU, the stock guest and its idxd
+driver, and the vfio-user path through libvfio-user's own sample server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BootGuest, sample_server
+from vdsa_server.paths import QEMU_CONFIGS
+from vdsa_server.platform.launcher import GuestBootTimeout, GuestPanic
+
+pytestmark = pytest.mark.boot
+
+PLATFORM_CHECK = QEMU_CONFIGS / "guest-scripts" / "platform-check.sh"
+# libvfio-user's samples/gpio-pci-idio-16.c sets this vendor:device pair.
+SAMPLE_FUNCTION = "0x494f:0x0dc8"
+
+
+@dataclass(frozen=True)
+class CliBoot:
+    returncode: int
+    summary: dict[str, Any]
+    log_dir: Path
+
+    def context(self) -> str:
+        return f"(console log: {self.log_dir / 'console.log'})"
+
+
+def run_cli_boot(script: Path, log_dir: Path) -> CliBoot:
+    done = subprocess.run(
+        [sys.executable, "-m", "vdsa_server", "boot", "--script", str(script), "--json",
+         "--log-dir", str(log_dir)],
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert done.stdout.strip(), f"no JSON from vdsa boot; stderr:\n{done.stderr}"
+    return CliBoot(done.returncode, json.loads(done.stdout), log_dir)
+
+
+@pytest.fixture(scope="module")
+def platform_check(tmp_path_factory: pytest.TempPathFactory) -> CliBoot:
+    """One boot of the README's platform check through the CLI, shared by the
+    tests below (a TCG boot takes tens of seconds)."""
+    return run_cli_boot(PLATFORM_CHECK, tmp_path_factory.mktemp("platform-check"))
+
+
+def test_guest_cpuinfo_lists_movdir64b(platform_check: CliBoot) -> None:
+    results = platform_check.summary["results"]
+    assert results["check.cpuinfo_movdir64b"] == "pass", platform_check.context()
+
+
+def test_guest_movdir64b_copies_the_right_bytes(platform_check: CliBoot) -> None:
+    lines = platform_check.summary["lines"]
+    assert platform_check.summary["results"]["check.movdir64b_instruction"] == "pass", lines
+    assert "movdir64b-test: copy ok" in lines
+    assert "movdir64b-test: misaligned-gp ok" in lines
+
+
+def test_stock_idxd_loads(platform_check: CliBoot) -> None:
+    results = platform_check.summary["results"]
+    assert results["check.modprobe_idxd"] == "pass", platform_check.context()
+    assert any(line.startswith("loaded module: idxd ") for line in platform_check.summary["lines"])
+    dmesg = (platform_check.log_dir / "dmesg.txt").read_text()
+    assert "idxd" in dmesg or "Linux version" in dmesg
+    assert "failed to load without MOVDIR64B" not in dmesg
+    assert results["check.idxd_no_movdir64b_refusal"] == "pass"
+
+
+def test_platform_check_exit_status(platform_check: CliBoot) -> None:
+    assert platform_check.returncode == 0, platform_check.context()
+    assert platform_check.summary["exit_status"] == 0
+    assert platform_check.summary["kernel"].endswith("-amd64")
+
+
+def test_cli_streams_output_results_and_exit_status(tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("echo to-stdout\necho to-stderr >&2\nvdsa-result answer 42\n"
+                      "printf 'multi\\nline' | vdsa-result text\nexit 3\n")
+    run = run_cli_boot(script, tmp_path / "logs")
+    assert run.returncode == 3, run.context()
+    assert run.summary["exit_status"] == 3
+    assert run.summary["lines"] == ["to-stdout", "to-stderr"]
+    assert run.summary["results"] == {"answer": "42", "text": "multi\nline"}
+
+
+async def test_sample_server_function_is_visible(boot_guest: BootGuest, tmp_path: Path) -> None:
+    socket = tmp_path / "sample.sock"
+    async with sample_server(socket, tmp_path / "sample-server.log"):
+        run = await boot_guest(
+            "for d in /sys/bus/pci/devices/*; do echo \"$(cat $d/vendor):$(cat $d/device)\"; done",
+            socket=socket,
+        )
+    assert run.exit_status == 0
+    assert SAMPLE_FUNCTION in run.lines, run.lines
+
+
+def qemu_processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and text.encode() in cmdline and int(proc.name) != os.getpid():
+            found.append(int(proc.name))
+    return found
+
+
+async def test_guest_that_never_reports_times_out(boot_guest: BootGuest, tmp_path: Path) -> None:
+    with pytest.raises(GuestBootTimeout, match="did not finish within 20 s"):
+        await boot_guest("sleep 100000", name="hang", timeout=20)
+    assert qemu_processes_mentioning(str(tmp_path / "hang")) == []
+
+
+async def test_guest_panic_is_reported(boot_guest: BootGuest) -> None:
+    with pytest.raises(GuestPanic, match="panicked"):
+        await boot_guest("echo c > /proc/sysrq-trigger; sleep 600", name="panic", timeout=300)

@@ -1,0 +1,256 @@
+"""The guest image builder: its scripts, cache key, script archive and, built
+once per machine (about ten seconds), the image's contents. No QEMU needed."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+import trio
+
+from vdsa_server.platform import guest_image
+from vdsa_server.platform.guest_image import (
+    GUEST_FILES,
+    NATIVE_GUEST,
+    GuestImageMissing,
+    KernelPackage,
+    build_guest,
+    find_guest,
+    guest_artifact,
+    guest_inputs,
+    script_archive,
+)
+
+MARK = b"@@vdsa@@ "
+
+
+def cpio_members(data: bytes) -> list[str]:
+    done = subprocess.run(["cpio", "-t", "--quiet"], input=data, capture_output=True, check=True)
+    return done.stdout.decode().splitlines()
+
+
+def cpio_extract(data: bytes, dest: Path) -> None:
+    dest.mkdir()
+    subprocess.run(["cpio", "-i", "-d", "--quiet"], input=data, cwd=dest, check=True)
+
+
+@pytest.mark.parametrize("script", ["init", "vdsa-result"])
+def test_scripts_parse_under_busybox(script: str) -> None:
+    done = subprocess.run(["busybox", "sh", "-n", GUEST_FILES / script], capture_output=True)
+    assert done.returncode == 0, done.stderr
+
+
+def vdsa_result(
+    console: Path, *args: str, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["busybox", "sh", GUEST_FILES / "vdsa-result", *args],
+        input=stdin,
+        capture_output=True,
+        env={"VDSA_CONSOLE": str(console), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def result_frame(name: str, value: bytes) -> bytes:
+    b64 = base64.b64encode(value).decode()
+    return MARK + f'{{"event":"result","name":"{name}","b64":"{b64}"}}\n'.encode()
+
+
+def test_result_from_arguments(tmp_path: Path) -> None:
+    console = tmp_path / "console"
+    console.write_bytes(b"earlier output\n")
+    done = vdsa_result(console, "stats.copy:1-ok_X", "a", "b  c")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+    # Appended (a tty has no position, a test file must keep what it had).
+    assert console.read_bytes() == b"earlier output\n" + result_frame(
+        "stats.copy:1-ok_X", b"a b  c"
+    )
+
+
+def test_result_from_stdin_keeps_every_byte(tmp_path: Path) -> None:
+    console = tmp_path / "console"
+    value = bytes(range(256)) * 40 + b"\n\n"
+    done = vdsa_result(console, "blob", stdin=value)
+    assert done.returncode == 0, done.stderr
+    frame = console.read_bytes()
+    assert frame == result_frame("blob", value)
+    assert json.loads(frame[len(MARK) :])["name"] == "blob"
+
+
+def test_result_with_an_empty_value(tmp_path: Path) -> None:
+    console = tmp_path / "console"
+    assert vdsa_result(console, "empty", "").returncode == 0
+    assert console.read_bytes() == result_frame("empty", b"")
+
+
+@pytest.mark.parametrize("name", ["", "a b", "a/b", "x\ny", "ü", "a;b", '"q"', "$(id)", "*"])
+def test_result_rejects_bad_names(tmp_path: Path, name: str) -> None:
+    console = tmp_path / "console"
+    done = vdsa_result(console, name, "value")
+    assert done.returncode == 2
+    assert b"invalid name" in done.stderr
+    assert not console.exists()
+
+
+def test_result_needs_a_name(tmp_path: Path) -> None:
+    done = vdsa_result(tmp_path / "console", stdin=b"x")
+    assert done.returncode == 2
+    assert b"usage" in done.stderr
+
+
+def test_result_reports_an_unwritable_console(tmp_path: Path) -> None:
+    done = vdsa_result(tmp_path / "missing" / "console", "name", "value")
+    assert done.returncode == 1
+    assert b"cannot write" in done.stderr
+
+
+class FakeHost:
+    """Stands in for apt and dpkg and points the builder at copies of its sources."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.guest_files = tmp_path / "guest_files"
+        self.native = tmp_path / "native"
+        shutil.copytree(GUEST_FILES, self.guest_files)
+        shutil.copytree(NATIVE_GUEST, self.native)
+        self.kernel = KernelPackage("linux-image-6.1.0-56-amd64", "6.1.192-2")
+        self.versions = {
+            "busybox-static": "1:1.35.0-4",
+            "accel-config": "3.5.3-1",
+            "libaccel-config1": "3.5.3-1",
+            "linux-source-6.1": "6.1.192-2",
+        }
+        monkeypatch.setattr(guest_image, "GUEST_FILES", self.guest_files)
+        monkeypatch.setattr(guest_image, "NATIVE_GUEST", self.native)
+        monkeypatch.setattr(guest_image, "resolve_kernel", lambda: self.kernel)
+        monkeypatch.setattr(guest_image, "installed_version", lambda p: self.versions[p])
+
+
+def test_cache_key_follows_every_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    host = FakeHost(tmp_path, monkeypatch)
+    keys = [guest_artifact().key]
+
+    def assert_new_key() -> None:
+        key = guest_artifact().key
+        assert key not in keys
+        keys.append(key)
+
+    assert guest_artifact().key == keys[0]
+    host.kernel = KernelPackage("linux-image-6.1.0-57-amd64", "6.1.192-2")
+    assert_new_key()
+    host.kernel = KernelPackage("linux-image-6.1.0-57-amd64", "6.1.193-1")
+    assert_new_key()
+    for package in list(host.versions):
+        host.versions[package] += "+b1"
+        assert_new_key()
+    with (host.guest_files / "init").open("a") as f:
+        f.write("# changed\n")
+    assert_new_key()
+    (host.native / "movdir64b_test.c").write_text("/* changed */\n")
+    assert_new_key()
+    monkeypatch.setattr(guest_image, "FORMAT_VERSION", "test")
+    assert_new_key()
+
+
+def test_inputs_on_this_host() -> None:
+    inputs = guest_inputs()
+    assert re.fullmatch(r"linux-image-6\.1\.\d+-\d+-amd64", inputs["kernel_package"])
+    assert all(inputs.values())
+    for key in ("busybox-static", "accel-config", "guest_files", "native_guest", "format"):
+        assert key in inputs
+
+
+def test_find_guest_without_an_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VDSA_CACHE", str(tmp_path))
+    with pytest.raises(GuestImageMissing, match="vdsa build guest"):
+        find_guest()
+
+
+def test_script_archive(tmp_path: Path) -> None:
+    data = script_archive(b"echo hi\n", {"input.bin": b"\0\1\2", "sub/dir/f": b"deep"})
+    assert len(data) % 4 == 0
+    cpio_extract(data, tmp_path / "out")
+    vdsa = tmp_path / "out" / "vdsa"
+    assert (vdsa / "script").read_bytes() == b"echo hi\n"
+    assert (vdsa / "script").stat().st_mode & 0o7777 == 0o755
+    assert (vdsa / "input.bin").read_bytes() == b"\0\1\2"
+    assert (vdsa / "input.bin").stat().st_mode & 0o7777 == 0o644
+    assert (vdsa / "sub" / "dir" / "f").read_bytes() == b"deep"
+    # Each directory precedes its contents: the kernel does not create parents.
+    assert cpio_members(data) == [
+        "vdsa", "vdsa/script", "vdsa/input.bin", "vdsa/sub", "vdsa/sub/dir", "vdsa/sub/dir/f",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["script", "/script", "../x", "", "a/../../b"])
+def test_script_archive_rejects_bad_names(name: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - two messages, both mean "bad name"
+        script_archive(b"", {name: b""})
+
+
+def test_movdir64b_test_builds_and_checks_cpuid(tmp_path: Path) -> None:
+    binary = tmp_path / "movdir64b-test"
+    subprocess.run(
+        ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", binary,
+         NATIVE_GUEST / "movdir64b_test.c"],
+        check=True,
+    )  # fmt: skip
+    done = subprocess.run([binary], capture_output=True, text=True)
+    if "movdir64b" in Path("/proc/cpuinfo").read_text().split():
+        assert done.returncode == 0, done.stdout
+        assert done.stdout.splitlines() == [
+            "movdir64b-test: cpuid ok",
+            "movdir64b-test: copy ok",
+            "movdir64b-test: misaligned-gp ok",
+        ]
+    else:
+        # Without the CPUID bit the instruction must not run at all.
+        assert done.returncode == 2
+        assert done.stdout.startswith("movdir64b-test: cpuid: MOVDIR64B not supported")
+        assert len(done.stdout.splitlines()) == 1
+
+
+def test_built_image_contents(tmp_path: Path) -> None:
+    try:
+        image = find_guest()
+    except GuestImageMissing:
+        image = trio.run(build_guest)
+    kver = image.kernel_version
+    assert re.fullmatch(r"6\.1\.\d+-\d+-amd64", kver)
+    assert image.kernel.stat().st_size > 1_000_000
+    blob = image.initramfs.read_bytes()
+    # The launcher appends an uncompressed archive: it must start 4-byte aligned.
+    assert len(blob) % 4 == 0
+    inflater = zlib.decompressobj(wbits=31)
+    archive = inflater.decompress(blob)
+    assert inflater.eof
+    assert inflater.unused_data.strip(b"\0") == b""
+
+    names = set(cpio_members(archive))
+    ldd = subprocess.run(["ldd", "/usr/bin/accel-config"], capture_output=True, text=True)
+    libraries = re.findall(r"(/\S+) \(0x", ldd.stdout)
+    assert len(libraries) >= 3
+    modules = f"lib/modules/{kver}"
+    expected = {
+        "init", "bin/busybox", "bin/sh", "sbin/modprobe", "bin/base64", "bin/dd",
+        "usr/bin/accel-config", "usr/bin/vdsa-result", "usr/bin/movdir64b-test",
+        f"{modules}/kernel/drivers/dma/idxd/idxd.ko",
+        f"{modules}/kernel/drivers/dma/idxd/idxd_bus.ko",
+        f"{modules}/extra/dmatest.ko", f"{modules}/modules.dep",
+        "proc", "sys", "dev", "tmp", "run", "root", "vdsa",
+        *(lib.lstrip("/") for lib in libraries),
+    }  # fmt: skip
+    assert expected <= names, sorted(expected - names)
+
+    cpio_extract(archive, tmp_path / "root")
+    root = tmp_path / "root"
+    dep = (root / modules / "modules.dep").read_text()
+    assert "kernel/drivers/dma/idxd/idxd.ko: kernel/drivers/dma/idxd/idxd_bus.ko" in dep
+    assert "extra/dmatest.ko:" in dep
+    assert (root / "init").read_bytes() == (GUEST_FILES / "init").read_bytes()
+    assert (root / "tmp").stat().st_mode & 0o7777 == 0o1777

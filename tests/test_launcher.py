@@ -1,0 +1,104 @@
+"""Launcher checks that need no guest boot: profiles, QEMU discovery, firmware,
+the capability probe against real QEMU binaries, and clear errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vdsa_server.platform import launcher
+from vdsa_server.platform.launcher import (
+    BootSpec,
+    FirmwareMissing,
+    NoMovdir64b,
+    QemuNotFound,
+    QemuUnsuitable,
+    ServerSocketMissing,
+)
+from vdsa_server.platform.qemu_build import cached_qemu_binary
+from vdsa_server.platform.steps import BuildError, run_step
+
+# Debian bookworm's own QEMU (7.2): real, but older than vfio-user-pci.
+STOCK_QEMU = Path("/usr/bin/qemu-system-x86_64")
+
+
+def test_profiles_point_at_existing_readconfig_files() -> None:
+    profiles = launcher.load_profiles()
+    assert {"tcg", "kvm"} <= profiles.keys()
+    assert profiles["tcg"].accel == "tcg"
+    assert profiles["kvm"].cpu == "host"
+    for profile in profiles.values():
+        text = profile.readconfig.read_text()
+        assert 'qom-type = "memory-backend-memfd"' in text
+        assert 'share = "on"' in text
+        assert f'accel = "{profile.accel}"' in text
+
+
+def test_explicit_qemu_that_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(QemuNotFound, match=r"no QEMU executable at .*nope \(from --qemu\)"):
+        launcher.resolve_qemu(tmp_path / "nope")
+
+
+def test_qemu_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VDSA_QEMU", str(tmp_path / "missing-qemu"))
+    with pytest.raises(QemuNotFound, match=r"from \$VDSA_QEMU"):
+        launcher.resolve_qemu()
+    monkeypatch.setenv("VDSA_QEMU", str(cached_qemu_binary()))
+    assert launcher.resolve_qemu() == cached_qemu_binary()
+
+
+def test_missing_firmware_is_named(tmp_path: Path) -> None:
+    (tmp_path / "bios-256k.bin").write_bytes(b"\0")
+    with pytest.raises(FirmwareMissing, match="linuxboot_dma.bin, kvmvapic.bin"):
+        launcher.check_firmware([tmp_path])
+    launcher.check_firmware(launcher.DEFAULT_FIRMWARE_DIRS)
+
+
+async def test_probe_of_vdsa_qemu() -> None:
+    caps = await launcher.probe_qemu(cached_qemu_binary(), "tcg", "max")
+    assert caps.version.startswith("10.2.")
+    assert caps.has_vfio_user_pci
+    assert caps.movdir64b
+    plain = await launcher.probe_qemu(cached_qemu_binary(), "tcg", "qemu64")
+    assert not plain.movdir64b
+
+
+async def test_probe_of_unknown_cpu_model_is_clear() -> None:
+    with pytest.raises(QemuUnsuitable, match="query-cpu-model-expansion failed"):
+        await launcher.probe_qemu(cached_qemu_binary(), "tcg", "no-such-cpu")
+
+
+async def test_cpu_model_without_movdir64b_is_refused(tmp_path: Path) -> None:
+    spec = BootSpec(script=b"true", cpu="qemu64", log_dir=tmp_path)
+    with pytest.raises(NoMovdir64b, match=r"-cpu qemu64 under tcg.*has no MOVDIR64B"):
+        await launcher.boot(spec)
+    assert not (tmp_path / "console.log").exists()
+
+
+async def test_qemu_without_vfio_user_pci_is_refused(tmp_path: Path) -> None:
+    assert STOCK_QEMU.is_file(), "bookworm's qemu-system-x86 is installed by .ci/setup"
+    spec = BootSpec(script=b"true", qemu=STOCK_QEMU, log_dir=tmp_path)
+    with pytest.raises(QemuUnsuitable, match=r"QEMU 7\.2\.\d+\) has no vfio-user-pci"):
+        await launcher.boot(spec)
+
+
+async def test_non_qemu_binary_is_refused(tmp_path: Path) -> None:
+    spec = BootSpec(script=b"true", qemu=Path(shutil.which("false") or "/bin/false"),
+                    log_dir=tmp_path)
+    with pytest.raises(QemuUnsuitable, match="during its capability probe"):
+        await launcher.boot(spec)
+
+
+async def test_missing_server_socket(tmp_path: Path) -> None:
+    spec = BootSpec(script=b"true", socket=tmp_path / "absent.sock", log_dir=tmp_path)
+    with pytest.raises(ServerSocketMissing, match="no vfio-user server socket"):
+        await launcher.boot(spec)
+
+
+async def test_failed_build_step_names_its_log(tmp_path: Path) -> None:
+    log_file = tmp_path / "step.log"
+    with pytest.raises(BuildError, match=r"(?s)status 3.*step\.log.*went wrong"):
+        await run_step("demo", ["sh", "-c", "echo went wrong; exit 3"], log_file=log_file)
+    assert "went wrong" in log_file.read_text()

@@ -1,0 +1,114 @@
+"""The ``vdsa`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from vdsa_server import log as vdsa_log
+from vdsa_server.platform import console
+from vdsa_server.platform.steps import BuildError
+
+# Like `docker run`: 125 means vdsa itself failed, anything else is the script's.
+EXIT_LAUNCH_ERROR = 125
+
+
+def _add_logging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=("console", "json"), default="console",
+                        help="structlog renderer for log lines on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug-level logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vdsa", description=__doc__)
+    _add_logging(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="build QEMU, libvfio-user and the guest into the cache")
+    build.add_argument("what", choices=("all", "qemu", "libvfio-user", "guest"), nargs="?",
+                       default="all")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    boot = sub.add_parser("boot", help="boot the guest, run a script in it, print its results")
+    boot.add_argument("--script", type=Path, required=True, help="shell script run in the guest")
+    boot.add_argument("--file", type=Path, action="append", default=[],
+                      help="extra file for the guest, placed at /vdsa/<name> (repeatable)")
+    boot.add_argument("--socket", type=Path,
+                      help="add a vfio-user-pci device connected to the server at this socket")
+    boot.add_argument("--profile", default="tcg", help="launch profile (qemu-configs/profiles.toml)")
+    boot.add_argument("--cpu", help="guest CPU model instead of the profile's")
+    boot.add_argument("--qemu", type=Path,
+                      help="QEMU binary to use (default: $VDSA_QEMU, else vdsa's own build)")
+    boot.add_argument("--firmware-dir", type=Path, action="append",
+                      help="QEMU firmware directory (repeatable; default: Debian's)")
+    boot.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole boot")
+    boot.add_argument("--log-dir", type=Path, help="where console.log and dmesg.txt go")
+    boot.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+    return parser
+
+
+async def _build(what: str, force: bool) -> None:
+    from vdsa_server.platform.guest_image import build_guest
+    from vdsa_server.platform.libvfio_user_build import build_libvfio_user
+    from vdsa_server.platform.qemu_build import build_qemu
+
+    if what in ("all", "libvfio-user"):
+        await build_libvfio_user(force=force)
+    if what in ("all", "qemu"):
+        await build_qemu(force=force)
+    if what in ("all", "guest"):
+        await build_guest(force=force)
+
+
+def _boot(args: argparse.Namespace) -> int:
+    from vdsa_server.platform.launcher import DEFAULT_FIRMWARE_DIRS, BootSpec, boot
+
+    files = {path.name: path.read_bytes() for path in args.file}
+    spec = BootSpec(
+        script=args.script.read_bytes(), files=files, socket=args.socket, profile=args.profile,
+        cpu=args.cpu, qemu=args.qemu, firmware_dirs=args.firmware_dir or DEFAULT_FIRMWARE_DIRS,
+        timeout=args.timeout, log_dir=args.log_dir,
+    )
+
+    def stream(event: console.Event) -> None:
+        if not args.json and isinstance(event, console.Line):
+            print(event.text, flush=True)
+
+    run = trio.run(boot, spec, stream)
+    if args.json:
+        print(json.dumps({
+            "exit_status": run.exit_status, "kernel": run.kernel, "lines": run.lines,
+            "results": run.results, "seconds": run.seconds, "console_log": str(run.console_log),
+            "qemu_version": run.qemu.version, "cpu": run.qemu.cpu_model,
+        }, indent=2))
+    else:
+        for name, value in run.results.items():
+            print(f"{name}: {value}")
+        print(f"guest script exited with status {run.exit_status} after {run.seconds} s "
+              f"(console log: {run.console_log})", file=sys.stderr)
+    return run.exit_status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    vdsa_log.configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    from vdsa_server.platform.guest_image import GuestImageMissing
+    from vdsa_server.platform.launcher import LaunchError
+
+    try:
+        if args.command == "build":
+            trio.run(_build, args.what, args.force)
+            return 0
+        return _boot(args)
+    except (LaunchError, BuildError, GuestImageMissing, FileNotFoundError) as exc:
+        print(f"vdsa: error: {exc}", file=sys.stderr)
+        return EXIT_LAUNCH_ERROR
+    except KeyboardInterrupt:
+        return 128 + 2
+

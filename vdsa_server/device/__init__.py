@@ -1,0 +1,1 @@
+"""Device model layer: the emulated DSA's register file, shared data structures and behaviour."""

@@ -1,0 +1,1 @@
+"""Platform layer: builds of QEMU, libvfio-user and the guest image, and the QEMU launcher."""

@@ -1,0 +1,71 @@
+"""libvfio-user as a shared library, from subprojects/libvfio-user of the same
+QEMU source package (it is packaged nowhere else).  The sample servers are kept
+too: gpio-pci-idio-16 proves the vfio-user path before our own device exists.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from vdsa_server.log import get_logger
+from vdsa_server.platform.cache import Artifact, artifact
+from vdsa_server.platform.qemu_build import (
+    BUILD_TOOLS,
+    QEMU_SOURCE_VERSION,
+    ensure_build_tools,
+    ensure_qemu_source,
+)
+from vdsa_server.platform.steps import NINJA_PROGRESS, run_step
+
+log = get_logger()
+
+MESON_OPTIONS = ("--buildtype=release", "-Ddebug-logs=disabled")
+SONAME = "libvfio-user.so.0"
+SAMPLES = ("gpio-pci-idio-16", "server", "client", "null")
+
+
+def libvfio_user_artifact() -> Artifact:
+    return artifact(
+        "libvfio-user",
+        {
+            "qemu-source": QEMU_SOURCE_VERSION,
+            "meson-options": " ".join(MESON_OPTIONS),
+            "tools": " ".join(BUILD_TOOLS),
+        },
+    )
+
+
+def cached_sample(name: str) -> Path:
+    return libvfio_user_artifact().path / "bin" / name
+
+
+async def build_libvfio_user(*, force: bool = False) -> Path:
+    """Build (or reuse) libvfio-user; returns the artifact directory
+    (``lib/libvfio-user.so.0``, ``include/``, ``bin/<sample>``)."""
+    target = libvfio_user_artifact()
+    if target.is_complete() and not force:
+        log.info("libvfio_user.build.cached", path=str(target.path))
+        return target.path
+    python = await ensure_build_tools()
+    source = await ensure_qemu_source()
+    with target.building() as scratch:
+        logs = scratch / "build.log"
+        build_dir = scratch / "build"
+        await run_step("libvfio-user.meson",
+                       [python, "-m", "mesonbuild.mesonmain", "setup", build_dir, source.tree / "subprojects/libvfio-user",
+                        *MESON_OPTIONS], log_file=logs)
+        await run_step("libvfio-user.ninja", ["ninja", "-C", build_dir], log_file=logs,
+                       progress=NINJA_PROGRESS)
+        lib = scratch / "lib"
+        lib.mkdir()
+        for built in (build_dir / "lib").glob("libvfio-user.so*"):
+            if built.is_file() or built.is_symlink():
+                shutil.copy2(built, lib / built.name, follow_symlinks=False)
+        shutil.copytree(source.tree / "subprojects/libvfio-user/include", scratch / "include")
+        (scratch / "bin").mkdir()
+        for sample in SAMPLES:
+            shutil.copy2(build_dir / "samples" / sample, scratch / "bin" / sample)
+        shutil.rmtree(build_dir)
+    log.info("libvfio_user.build.done", path=str(target.path))
+    return target.path

@@ -1,0 +1,1 @@
+"""Transport layer: the narrow ctypes binding to libvfio-user (vfio-user server side)."""
