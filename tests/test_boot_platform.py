@@ -13,15 +13,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BootGuest, sample_server
-from vdsa_server.paths import QEMU_CONFIGS
+from tests.conftest import BootGuest
 from vdsa_server.platform.launcher import GuestBootTimeout, GuestPanic
+from vdsa_server.platform.sample_server import SAMPLE_FUNCTION, sample_server
+from vdsa_server.transport.socket_path import SocketPathTaken
 
 pytestmark = pytest.mark.boot
 
-PLATFORM_CHECK = QEMU_CONFIGS / "guest-scripts" / "platform-check.sh"
-# libvfio-user's samples/gpio-pci-idio-16.c sets this vendor:device pair.
-SAMPLE_FUNCTION = "0x494f:0x0dc8"
 
 
 @dataclass(frozen=True)
@@ -34,21 +32,20 @@ class CliBoot:
         return f"(console log: {self.log_dir / 'console.log'})"
 
 
-def run_cli_boot(script: Path, log_dir: Path) -> CliBoot:
+def run_cli(*args: str, log_dir: Path) -> CliBoot:
     done = subprocess.run(
-        [sys.executable, "-m", "vdsa_server", "boot", "--script", str(script), "--json",
-         "--log-dir", str(log_dir)],
+        [sys.executable, "-m", "vdsa_server", *args, "--json", "--log-dir", str(log_dir)],
         capture_output=True, text=True, timeout=900, check=False,
     )
-    assert done.stdout.strip(), f"no JSON from vdsa boot; stderr:\n{done.stderr}"
+    assert done.stdout.strip(), f"no JSON from vdsa {args[0]}; stderr:\n{done.stderr}"
     return CliBoot(done.returncode, json.loads(done.stdout), log_dir)
 
 
 @pytest.fixture(scope="module")
 def platform_check(tmp_path_factory: pytest.TempPathFactory) -> CliBoot:
-    """One boot of the README's platform check through the CLI, shared by the
-    tests below (a TCG boot takes tens of seconds)."""
-    return run_cli_boot(PLATFORM_CHECK, tmp_path_factory.mktemp("platform-check"))
+    """One run of the README's main job (`vdsa demo`: the platform check in a
+    guest with libvfio-user's sample device), shared by the tests below."""
+    return run_cli("demo", log_dir=tmp_path_factory.mktemp("demo"))
 
 
 def test_guest_cpuinfo_lists_movdir64b(platform_check: CliBoot) -> None:
@@ -83,22 +80,26 @@ def test_cli_streams_output_results_and_exit_status(tmp_path: Path) -> None:
     script = tmp_path / "script.sh"
     script.write_text("echo to-stdout\necho to-stderr >&2\nvdsa-result answer 42\n"
                       "printf 'multi\\nline' | vdsa-result text\nexit 3\n")
-    run = run_cli_boot(script, tmp_path / "logs")
+    run = run_cli("boot", "--script", str(script), log_dir=tmp_path / "logs")
     assert run.returncode == 3, run.context()
     assert run.summary["exit_status"] == 3
     assert run.summary["lines"] == ["to-stdout", "to-stderr"]
     assert run.summary["results"] == {"answer": "42", "text": "multi\nline"}
 
 
-async def test_sample_server_function_is_visible(boot_guest: BootGuest, tmp_path: Path) -> None:
-    socket = tmp_path / "sample.sock"
-    async with sample_server(socket, tmp_path / "sample-server.log"):
-        run = await boot_guest(
-            "for d in /sys/bus/pci/devices/*; do echo \"$(cat $d/vendor):$(cat $d/device)\"; done",
-            socket=socket,
-        )
-    assert run.exit_status == 0
-    assert SAMPLE_FUNCTION in run.lines, run.lines
+def test_sample_server_function_is_visible(platform_check: CliBoot) -> None:
+    functions = platform_check.summary["results"]["pci.functions"].splitlines()
+    assert any(f" {SAMPLE_FUNCTION} " in line for line in functions), functions
+    assert (platform_check.log_dir / "sample-server.log").is_file()
+    assert not (platform_check.log_dir / "sample.sock").exists()
+
+
+async def test_sample_server_refuses_a_taken_socket(tmp_path: Path) -> None:
+    socket = tmp_path / "taken.sock"
+    async with sample_server(socket, tmp_path / "first.log"):
+        with pytest.raises(SocketPathTaken, match="another server is listening"):
+            async with sample_server(socket, tmp_path / "second.log"):
+                pass
 
 
 def qemu_processes_mentioning(text: str) -> list[int]:

@@ -20,9 +20,13 @@ def test_key_follows_inputs(tmp_path: Path) -> None:
 
 def test_building_publishes_only_on_success(tmp_path: Path) -> None:
     a = artifact("thing", {"v": "1"}, root=tmp_path)
-    with pytest.raises(RuntimeError, match="boom"), a.building() as scratch:
-        (scratch / "half").write_text("x")
-        raise RuntimeError("boom")
+    def fail_half_way() -> None:
+        with a.building() as scratch:
+            (scratch / "half").write_text("x")
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fail_half_way()
     assert not a.is_complete()
     assert list(tmp_path.iterdir()) == []
 

@@ -22,13 +22,15 @@ def b64(text: str) -> str:
     ("line", "expected"),
     [
         (frame({"event": "boot", "kernel": "6.1.0-56-amd64"}), console.Boot("6.1.0-56-amd64")),
-        (frame({"event": "line", "b64": b64("hello @@vdsa@@ {}")}),
-         console.Line("hello @@vdsa@@ {}")),
+        (frame({"event": "line", "b64": b64("hi @@vdsa@@ {}")}),
+         console.Line("hi @@vdsa@@ {}")),
         (frame({"event": "result", "name": "check.x", "b64": b64("pass")}),
          console.Result("check.x", "pass")),
-        (frame({"event": "dmesg", "b64": b64("[0.0] idxd\n")}), console.Dmesg("[0.0] idxd\n")),
+        (frame({"event": "dmesg", "b64": b64("[0.0] idxd\n")}),
+         console.Dmesg("[0.0] idxd\n")),
         (frame({"event": "exit", "status": 3}), console.Exit(3)),
-        ("[    1.234] Run /init as init process", console.Raw("[    1.234] Run /init as init process")),
+        ("[    1.234] Run /init as init process",
+         console.Raw("[    1.234] Run /init as init process")),
     ],
 )
 def test_parse_line(line: str, expected: console.Event) -> None:

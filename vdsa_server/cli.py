@@ -6,14 +6,19 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from vdsa_server import log as vdsa_log
 from vdsa_server.platform import console
 from vdsa_server.platform.steps import BuildError
+
+if TYPE_CHECKING:
+    from vdsa_server.platform.launcher import GuestRun
 
 # Like `docker run`: 125 means vdsa itself failed, anything else is the script's.
 EXIT_LAUNCH_ERROR = 125
@@ -41,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extra file for the guest, placed at /vdsa/<name> (repeatable)")
     boot.add_argument("--socket", type=Path,
                       help="add a vfio-user-pci device connected to the server at this socket")
-    boot.add_argument("--profile", default="tcg", help="launch profile (qemu-configs/profiles.toml)")
+    boot.add_argument("--profile", default="tcg",
+                      help="launch profile (qemu-configs/profiles.toml)")
     boot.add_argument("--cpu", help="guest CPU model instead of the profile's")
     boot.add_argument("--qemu", type=Path,
                       help="QEMU binary to use (default: $VDSA_QEMU, else vdsa's own build)")
@@ -50,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole boot")
     boot.add_argument("--log-dir", type=Path, help="where console.log and dmesg.txt go")
     boot.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+
+    demo = sub.add_parser("demo", help="the main job: boot the guest with a vfio-user device "
+                          "and run the platform check in it")
+    demo.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole boot")
+    demo.add_argument("--log-dir", type=Path, help="where the logs and the socket go")
+    demo.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     return parser
 
 
@@ -66,6 +78,28 @@ async def _build(what: str, force: bool) -> None:
         await build_guest(force=force)
 
 
+def _print_run(run: GuestRun, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({
+            "exit_status": run.exit_status, "kernel": run.kernel, "lines": run.lines,
+            "results": run.results, "seconds": run.seconds, "console_log": str(run.console_log),
+            "qemu_version": run.qemu.version, "cpu": run.qemu.cpu_model,
+        }, indent=2))
+        return
+    for name, value in run.results.items():
+        print(f"{name}: {value}")
+    print(f"guest script exited with status {run.exit_status} after {run.seconds} s "
+          f"(console log: {run.console_log})", file=sys.stderr)
+
+
+def _streamer(as_json: bool) -> Callable[[console.Event], None]:
+    def stream(event: console.Event) -> None:
+        if not as_json and isinstance(event, console.Line):
+            print(event.text, flush=True)
+
+    return stream
+
+
 def _boot(args: argparse.Namespace) -> int:
     from vdsa_server.platform.launcher import DEFAULT_FIRMWARE_DIRS, BootSpec, boot
 
@@ -75,24 +109,34 @@ def _boot(args: argparse.Namespace) -> int:
         cpu=args.cpu, qemu=args.qemu, firmware_dirs=args.firmware_dir or DEFAULT_FIRMWARE_DIRS,
         timeout=args.timeout, log_dir=args.log_dir,
     )
-
-    def stream(event: console.Event) -> None:
-        if not args.json and isinstance(event, console.Line):
-            print(event.text, flush=True)
-
-    run = trio.run(boot, spec, stream)
-    if args.json:
-        print(json.dumps({
-            "exit_status": run.exit_status, "kernel": run.kernel, "lines": run.lines,
-            "results": run.results, "seconds": run.seconds, "console_log": str(run.console_log),
-            "qemu_version": run.qemu.version, "cpu": run.qemu.cpu_model,
-        }, indent=2))
-    else:
-        for name, value in run.results.items():
-            print(f"{name}: {value}")
-        print(f"guest script exited with status {run.exit_status} after {run.seconds} s "
-              f"(console log: {run.console_log})", file=sys.stderr)
+    run = trio.run(boot, spec, _streamer(args.json))
+    _print_run(run, args.json)
     return run.exit_status
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The platform check in a guest that also has libvfio-user's sample device."""
+    from vdsa_server.paths import QEMU_CONFIGS
+    from vdsa_server.platform.launcher import BootSpec, boot
+    from vdsa_server.platform.sample_server import SAMPLE_FUNCTION, sample_server
+
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vdsa-demo-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    script = QEMU_CONFIGS / "guest-scripts" / "platform-check.sh"
+
+    async def demo() -> GuestRun:
+        socket = log_dir / "sample.sock"
+        async with sample_server(socket, log_dir / "sample-server.log"):
+            spec = BootSpec(script=script.read_bytes(), socket=socket, log_dir=log_dir,
+                            timeout=args.timeout)
+            return await boot(spec, _streamer(args.json))
+
+    run = trio.run(demo)
+    _print_run(run, args.json)
+    seen = SAMPLE_FUNCTION in run.results.get("pci.functions", "")
+    print(f"vfio-user sample device {SAMPLE_FUNCTION} in the guest: {'yes' if seen else 'NO'}",
+          file=sys.stderr)
+    return run.exit_status if seen else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,13 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     vdsa_log.configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     from vdsa_server.platform.guest_image import GuestImageMissing
     from vdsa_server.platform.launcher import LaunchError
+    from vdsa_server.platform.sample_server import SampleServerError
+    from vdsa_server.transport.socket_path import SocketPathTaken
 
     try:
         if args.command == "build":
             trio.run(_build, args.what, args.force)
             return 0
+        if args.command == "demo":
+            return _demo(args)
         return _boot(args)
-    except (LaunchError, BuildError, GuestImageMissing, FileNotFoundError) as exc:
+    except (LaunchError, BuildError, GuestImageMissing, SampleServerError, SocketPathTaken,
+            FileNotFoundError) as exc:
         print(f"vdsa: error: {exc}", file=sys.stderr)
         return EXIT_LAUNCH_ERROR
     except KeyboardInterrupt:

@@ -129,7 +129,7 @@ class LineSplitter:
     def __init__(self) -> None:
         self._pending = b""
 
-    def feed(self, chunk: bytes) -> list[str]:
+    def feed(self, chunk: bytes | bytearray) -> list[str]:
         self._pending += chunk
         *complete, self._pending = self._pending.split(b"\n")
         return [line.rstrip(b"\r").decode("utf-8", errors="replace") for line in complete]

@@ -53,8 +53,9 @@ async def build_libvfio_user(*, force: bool = False) -> Path:
         logs = scratch / "build.log"
         build_dir = scratch / "build"
         await run_step("libvfio-user.meson",
-                       [python, "-m", "mesonbuild.mesonmain", "setup", build_dir, source.tree / "subprojects/libvfio-user",
-                        *MESON_OPTIONS], log_file=logs)
+                       [python, "-m", "mesonbuild.mesonmain", "setup", build_dir,
+                        source.tree / "subprojects/libvfio-user", *MESON_OPTIONS],
+                       log_file=logs)
         await run_step("libvfio-user.ninja", ["ninja", "-C", build_dir], log_file=logs,
                        progress=NINJA_PROGRESS)
         lib = scratch / "lib"
