@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.c_layouts import extract_headers
 from vdsa_server.platform.launcher import BootSpec, GuestRun, boot
 
 BootGuest = Callable[..., Awaitable[GuestRun]]
@@ -41,3 +42,10 @@ def boot_guest(tmp_path: Path, request: pytest.FixtureRequest) -> BootGuest:
         return await boot(BootSpec(script=script.encode(), log_dir=log_dir, **options))
 
     return run
+
+
+@pytest.fixture(scope="session")
+def linux_src(pytestconfig: pytest.Config) -> Path:
+    """Linux 6.1's idxd headers (registers.h, idxd.h, uapi idxd.h), from
+    linux-source-6.1, which .ci/setup installs."""
+    return extract_headers(pytestconfig.cache.mkdir("linux-6.1-idxd"))

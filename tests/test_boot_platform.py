@@ -102,6 +102,15 @@ async def test_sample_server_refuses_a_taken_socket(tmp_path: Path) -> None:
                 pass
 
 
+async def test_background_process_left_by_script_does_not_hold_the_boot(
+    boot_guest: BootGuest,
+) -> None:
+    run = await boot_guest("sleep 100000 &\necho left a sleeper behind\nexit 4",
+                           name="background", timeout=120)
+    assert run.exit_status == 4
+    assert run.lines == ["left a sleeper behind"]
+
+
 def qemu_processes_mentioning(text: str) -> list[int]:
     found = []
     for proc in Path("/proc").iterdir():

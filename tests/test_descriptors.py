@@ -1,47 +1,27 @@
-"""Descriptor and completion-record layouts against Linux 6.1 ``include/uapi/linux/idxd.h``.
-
-A generated C program, compiled against the uapi header, sets each field of each struct to
-all-ones and prints the resulting bytes, so every field's offset and width is compared, union
-members included. The header comes from the installed linux-source-6.1 tarball, extracted once
-into the pytest cache; without it or without gcc those tests skip.
+"""Descriptor and completion-record layouts against Linux 6.1 ``include/uapi/linux/idxd.h``:
+tests/c_layouts.py compares every field's offset and width, union members included, with the
+compiled header.
 """
 
 from __future__ import annotations
 
-import ctypes
 import re
-import shutil
-import subprocess
 from enum import IntEnum
 from pathlib import Path
 
 import pytest
 
+from tests.c_layouts import assert_layouts_match, c_enumerators, run_c
 from vdsa_server.device import descriptors as d
-from vdsa_server.device.registers import Layout, field_mask, layout_fields
+from vdsa_server.device.registers import Layout, layout_fields
 
-LINUX_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
-LINUX_TOP = "linux-source-6.1"
-HEADERS = (
-    "drivers/dma/idxd/registers.h",
-    "drivers/dma/idxd/idxd.h",
-    "include/uapi/linux/idxd.h",
-)
+UAPI = Path("include/uapi/linux")
 
 PRELUDE = """\
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include "idxd.h"
-
-static void dump(const char *key, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-    printf("%s|", key);
-    while (n--)
-        printf("%02x", b[n]);
-    printf("\\n");
-}
 """
 
 # Each Python layout beside the C type it models.
@@ -62,74 +42,15 @@ CONSTANTS = ("DSA_COMP_STATUS_MASK", "DSA_COMP_STATUS_WRITE")
 
 
 @pytest.fixture(scope="session")
-def linux_src(pytestconfig: pytest.Config) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    root = pytestconfig.cache.mkdir("linux-6.1-idxd")
-    if not all((root / LINUX_TOP / h).is_file() for h in HEADERS):
-        if not LINUX_TARBALL.is_file():
-            pytest.skip(f"{LINUX_TARBALL} missing (apt-get install linux-source-6.1)")
-        members = [f"{LINUX_TOP}/{h}" for h in HEADERS]
-        subprocess.run(["tar", "-xJf", LINUX_TARBALL, "-C", root, *members], check=True)
-    return root / LINUX_TOP
-
-
-@pytest.fixture(scope="session")
 def uapi_h(linux_src: Path) -> str:
     return (linux_src / "include/uapi/linux/idxd.h").read_text()
-
-
-def run_c(linux_src: Path, tmp_path: Path, body: list[str]) -> dict[str, str]:
-    """Compile ``body`` as main() against the uapi header; return its key|value lines."""
-    source = tmp_path / "probe.c"
-    source.write_text(PRELUDE + "int main(void)\n{\n" + "\n".join(body) + "\nreturn 0;\n}\n")
-    binary = tmp_path / "probe"
-    include = linux_src / "include/uapi/linux"
-    subprocess.run(["gcc", "-w", f"-I{include}", source, "-o", binary], check=True)
-    output = subprocess.run([binary], check=True, capture_output=True, text=True).stdout
-    return dict(line.rsplit("|", 1) for line in output.splitlines())
-
-
-def c_enumerators(header: str, tag: str) -> dict[str, int]:
-    """Enumerators of ``tag`` in ``header`` with their values."""
-    text = re.sub(r"/\*.*?\*/", "", header, flags=re.DOTALL)
-    body = re.search(rf"{tag}\s*{{(.*?)}};", text, re.DOTALL)
-    assert body is not None, tag
-    values: dict[str, int] = {}
-    value = -1
-    for item in filter(None, (i.strip() for i in body[1].split(","))):
-        name, _, explicit = (part.strip() for part in item.partition("="))
-        value = int(explicit, 0) if explicit else value + 1
-        values[name] = value
-    return values
-
-
-def mask_probe(c_type: str, layout: Layout) -> list[str]:
-    """C statements printing sizeof and, per field, the bytes with only that field all-ones."""
-    lines = [f'printf("{c_type}|sizeof|%zu\\n", sizeof({c_type}));']
-    for field in layout_fields(layout):
-        if field.bit_width is None:
-            fill = f"memset((void *)&x.{field.path}, 0xff, sizeof(x.{field.path}));"
-        else:
-            fill = f"x.{field.path} = -1;"
-        lines.append(
-            f"{{ {c_type} x; memset(&x, 0, sizeof(x)); {fill} "
-            f'dump("{c_type}|{field.path}", &x, sizeof(x)); }}'
-        )
-    return lines
 
 
 # --- Against the C header --------------------------------------------------------------------
 
 
 def test_layouts_match_uapi(linux_src: Path, tmp_path: Path) -> None:
-    body = [line for c_type, layout in LAYOUTS.items() for line in mask_probe(c_type, layout)]
-    c = run_c(linux_src, tmp_path, body)
-    for c_type, layout in LAYOUTS.items():
-        assert int(c[f"{c_type}|sizeof"]) == ctypes.sizeof(layout), c_type
-        for field in layout_fields(layout):
-            c_mask = int(c[f"{c_type}|{field.path}"], 16)
-            assert field_mask(layout, field.path) == c_mask, f"{c_type}.{field.path}"
+    assert_layouts_match(PRELUDE, linux_src / UAPI, tmp_path, LAYOUTS)
 
 
 def test_every_uapi_field_is_modelled(uapi_h: str) -> None:
@@ -144,7 +65,7 @@ def test_every_uapi_field_is_modelled(uapi_h: str) -> None:
 
 def test_constants_match_uapi(linux_src: Path, tmp_path: Path) -> None:
     body = [f'printf("{n}|%llu\\n", (unsigned long long)({n}));' for n in CONSTANTS]
-    c = run_c(linux_src, tmp_path, body)
+    c = run_c(PRELUDE, linux_src / UAPI, tmp_path, body)
     assert {n: int(c[n]) for n in CONSTANTS} == {n: getattr(d, n) for n in CONSTANTS}
 
 

@@ -1,10 +1,8 @@
 """The register file model against Linux 6.1 ``drivers/dma/idxd/registers.h``.
 
 The header is kernel-internal; it compiles in userspace behind a small shim (kernel integer types,
-``__packed``, ``BIT``, ``PAGE_SIZE``). A generated C program sets each field of each layout to
-all-ones and prints the resulting bytes, so every field's offset and width is compared, not only
-the sizes. The header comes from the installed linux-source-6.1 tarball, extracted once into the
-pytest cache; without it or without gcc those tests skip.
+``__packed``, ``BIT``, ``PAGE_SIZE``); tests/c_layouts.py compares every field's offset and
+width with the compiled header.
 """
 
 from __future__ import annotations
@@ -12,23 +10,14 @@ from __future__ import annotations
 import ctypes
 import itertools
 import re
-import shutil
-import subprocess
 from enum import IntEnum, IntFlag
 from pathlib import Path
 
 import pytest
 
+from tests.c_layouts import assert_layouts_match, c_enumerators, run_c
 from vdsa_server.device import registers as r
 from vdsa_server.device.descriptors import DsaCompStatus
-
-LINUX_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
-LINUX_TOP = "linux-source-6.1"
-HEADERS = (
-    "drivers/dma/idxd/registers.h",
-    "drivers/dma/idxd/idxd.h",
-    "include/uapi/linux/idxd.h",
-)
 
 SHIM = """\
 #include <stdint.h>
@@ -42,15 +31,6 @@ typedef uint64_t u64;
 #define BIT(n) (1UL << (n))
 #define PAGE_SIZE 4096UL
 #include "registers.h"
-
-static void dump(const char *key, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-    printf("%s|", key);
-    while (n--)
-        printf("%02x", b[n]);
-    printf("\\n");
-}
 
 struct fake_idxd { unsigned int grpcfg_offset, wqcfg_offset, wqcfg_size; };
 """
@@ -95,49 +75,19 @@ TOPOLOGIES = (
 
 
 @pytest.fixture(scope="session")
-def linux_src(pytestconfig: pytest.Config) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    root = pytestconfig.cache.mkdir("linux-6.1-idxd")
-    if not all((root / LINUX_TOP / h).is_file() for h in HEADERS):
-        if not LINUX_TARBALL.is_file():
-            pytest.skip(f"{LINUX_TARBALL} missing (apt-get install linux-source-6.1)")
-        members = [f"{LINUX_TOP}/{h}" for h in HEADERS]
-        subprocess.run(["tar", "-xJf", LINUX_TARBALL, "-C", root, *members], check=True)
-    return root / LINUX_TOP
-
-
-@pytest.fixture(scope="session")
 def registers_h(linux_src: Path) -> str:
     return (linux_src / "drivers/dma/idxd/registers.h").read_text()
 
 
-def run_c(linux_src: Path, tmp_path: Path, body: list[str]) -> dict[str, str]:
-    """Compile ``body`` as main() after the shim and registers.h; return its key|value lines."""
-    source = tmp_path / "probe.c"
-    source.write_text(SHIM + "int main(void)\n{\n" + "\n".join(body) + "\nreturn 0;\n}\n")
-    binary = tmp_path / "probe"
-    include = linux_src / "drivers/dma/idxd"
-    subprocess.run(["gcc", "-w", f"-I{include}", source, "-o", binary], check=True)
-    output = subprocess.run([binary], check=True, capture_output=True, text=True).stdout
-    return dict(line.rsplit("|", 1) for line in output.splitlines())
+def registers_c(linux_src: Path, tmp_path: Path, body: list[str]) -> dict[str, str]:
+    return run_c(SHIM, linux_src / "drivers/dma/idxd", tmp_path, body)
 
 
-def c_enumerators(header: str, tag: str, prefix: str) -> dict[str, int]:
-    """Enumerators of ``tag`` (or ``#define``s of ``prefix``) in ``header``, with their values."""
+def c_defines(header: str, prefix: str) -> dict[str, int]:
+    """``#define``s of ``prefix`` in ``header``, with their values."""
     text = re.sub(r"/\*.*?\*/", "", header, flags=re.DOTALL)
-    if tag == "#define":
-        pattern = rf"#define\s+({prefix}\w+)\s+(0x[0-9a-fA-F]+|\d+)\s*$"
-        return {m[1]: int(m[2], 0) for m in re.finditer(pattern, text, re.MULTILINE)}
-    body = re.search(rf"{tag}\s*{{(.*?)}};", text, re.DOTALL)
-    assert body is not None, tag
-    values: dict[str, int] = {}
-    value = -1
-    for item in filter(None, (i.strip() for i in body[1].split(","))):
-        name, _, explicit = (part.strip() for part in item.partition("="))
-        value = int(explicit, 0) if explicit else value + 1
-        values[name] = value
-    return values
+    pattern = rf"#define\s+({prefix}\w+)\s+(0x[0-9a-fA-F]+|\d+)\s*$"
+    return {m[1]: int(m[2], 0) for m in re.finditer(pattern, text, re.MULTILINE)}
 
 
 def fixed_offsets(header: str) -> dict[str, int]:
@@ -146,37 +96,16 @@ def fixed_offsets(header: str) -> dict[str, int]:
     return {m[1]: int(m[2], 16) for m in re.finditer(pattern, fixed)}
 
 
-def mask_probe(c_type: str, layout: r.Layout) -> list[str]:
-    """C statements printing sizeof and, per field, the bytes with only that field all-ones."""
-    lines = [f'printf("{c_type}|sizeof|%zu\\n", sizeof({c_type}));']
-    for field in r.layout_fields(layout):
-        if field.bit_width is None:
-            fill = f"memset(&x.{field.path}, 0xff, sizeof(x.{field.path}));"
-        else:
-            fill = f"x.{field.path} = -1;"
-        lines.append(
-            f"{{ {c_type} x; memset(&x, 0, sizeof(x)); {fill} "
-            f'dump("{c_type}|{field.path}", &x, sizeof(x)); }}'
-        )
-    return lines
-
-
 # --- Against the C header --------------------------------------------------------------------
 
 
 def test_layouts_match_registers_h(linux_src: Path, tmp_path: Path) -> None:
-    body = [line for c_type, layout in LAYOUTS.items() for line in mask_probe(c_type, layout)]
-    c = run_c(linux_src, tmp_path, body)
-    for c_type, layout in LAYOUTS.items():
-        assert int(c[f"{c_type}|sizeof"]) == ctypes.sizeof(layout), c_type
-        for field in r.layout_fields(layout):
-            c_mask = int(c[f"{c_type}|{field.path}"], 16)
-            assert r.field_mask(layout, field.path) == c_mask, f"{c_type}.{field.path}"
+    assert_layouts_match(SHIM, linux_src / "drivers/dma/idxd", tmp_path, LAYOUTS)
 
 
 def test_cmdsts_follows_the_driver_masks(linux_src: Path, tmp_path: Path) -> None:
     """registers.h's cmdsts_reg struct is padded to 6 bytes; the driver uses masks instead."""
-    c = run_c(linux_src, tmp_path, ['printf("sizeof|%zu\\n", sizeof(union cmdsts_reg));'])
+    c = registers_c(linux_src, tmp_path, ['printf("sizeof|%zu\\n", sizeof(union cmdsts_reg));'])
     assert c["sizeof"] == "6"
     assert r.field_mask(r.CmdStsReg, "err") == r.IDXD_CMDSTS_ERR_MASK
     assert r.field_mask(r.CmdStsReg, "result") == 0xFFFF << r.IDXD_CMDSTS_RES_SHIFT
@@ -188,7 +117,7 @@ def test_constants_match_registers_h(linux_src: Path, tmp_path: Path, registers_
     names = sorted(n for n in dir(r) if n in defined and isinstance(getattr(r, n), int))
     assert "IDXD_SWERR_ACK" in names  # the shared names were found
     body = [f'printf("{n}|%llu\\n", (unsigned long long)({n}));' for n in names]
-    c = run_c(linux_src, tmp_path, body)
+    c = registers_c(linux_src, tmp_path, body)
     assert {n: getattr(r, n) for n in names} == {n: int(c[n]) for n in names}
 
 
@@ -199,14 +128,16 @@ def test_enums_match_registers_h(
     registers_h: str, py_enum: type[IntEnum] | type[IntFlag], tag: str, prefix: str
 ) -> None:
     python = {f"{prefix}{m.name}": int(m) for m in py_enum}
-    assert python == c_enumerators(registers_h, tag, prefix)
+    c_values = (c_defines(registers_h, prefix) if tag == "#define"
+                else c_enumerators(registers_h, tag))
+    assert python == c_values
 
 
 def test_wq_state_and_portal_enums_match_idxd_h(linux_src: Path) -> None:
     idxd_h = (linux_src / "drivers/dma/idxd/idxd.h").read_text()
     wq_states = {f"IDXD_WQ_{m.name}": int(m) for m in r.IdxdWqState}
-    assert wq_states == c_enumerators(idxd_h, "enum idxd_wq_state", "IDXD_WQ_")
-    prot = c_enumerators(idxd_h, "enum idxd_portal_prot", "IDXD_PORTAL_")
+    assert wq_states == c_enumerators(idxd_h, "enum idxd_wq_state")
+    prot = c_enumerators(idxd_h, "enum idxd_portal_prot")
     assert prot == {
         "IDXD_PORTAL_UNLIMITED": r.IdxdPortal.UNLIMITED_MSIX,
         "IDXD_PORTAL_LIMITED": r.IdxdPortal.LIMITED_MSIX,
@@ -239,7 +170,7 @@ def test_table_offsets_match_driver_macros(
             body.append(f'printf("wqcfg {n} {ofs}|%u\\n", (unsigned)WQCFG_OFFSET(&d, {n}, {ofs}));')
     body.append('printf("strides|%u\\n", (unsigned)WQCFG_STRIDES(&d));')
     body.append("}")
-    c = {k: int(v) for k, v in run_c(linux_src, tmp_path, body).items()}
+    c = {k: int(v) for k, v in registers_c(linux_src, tmp_path, body).items()}
 
     expected = {"strides": strides}
     for g in range(layout.num_groups):
