@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -14,11 +15,14 @@ from typing import TYPE_CHECKING
 import trio
 
 from vdsa_server import log as vdsa_log
+from vdsa_server.log import get_logger
 from vdsa_server.platform import console
 from vdsa_server.platform.steps import BuildError
 
 if TYPE_CHECKING:
-    from vdsa_server.platform.launcher import GuestRun
+    from vdsa_server.device.config import DeviceConfig
+    from vdsa_server.platform.launcher import BootSpec, GuestRun
+    from vdsa_server.transport.server import VdsaServer
 
 # Like `docker run`: 125 means vdsa itself failed, anything else is the script's.
 EXIT_LAUNCH_ERROR = 125
@@ -46,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extra file for the guest, placed at /vdsa/<name> (repeatable)")
     boot.add_argument("--socket", type=Path,
                       help="add a vfio-user-pci device connected to the server at this socket")
+    boot.add_argument("--serve", action="store_true",
+                      help="start vdsa's own DSA server for this boot (at --socket if given, "
+                      "else in the log directory)")
+    boot.add_argument("--config", type=Path, help="with --serve: device configuration (TOML)")
     boot.add_argument("--profile", default="tcg",
                       help="launch profile (qemu-configs/profiles.toml)")
     boot.add_argument("--cpu", help="guest CPU model instead of the profile's")
@@ -56,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole boot")
     boot.add_argument("--log-dir", type=Path, help="where console.log and dmesg.txt go")
     boot.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+
+    serve = sub.add_parser("serve", help="serve a virtual DSA to vfio-user clients (QEMU)")
+    serve.add_argument("--socket", type=Path, required=True, help="UNIX socket to listen on")
+    serve.add_argument("--config", type=Path, help="device configuration (TOML; default: "
+                       "qemu-configs/devices/default.toml's values)")
+    serve.add_argument("--once", action="store_true",
+                       help="exit when the first client disconnects")
 
     demo = sub.add_parser("demo", help="the main job: boot the guest with a vfio-user device "
                           "and run the platform check in it")
@@ -100,16 +115,59 @@ def _streamer(as_json: bool) -> Callable[[console.Event], None]:
     return stream
 
 
+async def _serving(server: VdsaServer) -> None:
+    """Run ``server`` until SIGINT/SIGTERM (or, with --once, its client leaves)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    get_logger().info("server.signal", signal=signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            await server.serve()
+            nursery.cancel_scope.cancel()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from vdsa_server.device.config import load_config
+    from vdsa_server.transport.server import VdsaServer
+
+    trio.run(_serving, VdsaServer(args.socket, load_config(args.config), once=args.once))
+    return 0
+
+
+async def _boot_with_server(spec: BootSpec, config: DeviceConfig,
+                            stream: Callable[[console.Event], None]) -> GuestRun:
+    """Boot with vdsa's own server listening at ``spec.socket`` for the boot."""
+    from vdsa_server.platform.launcher import boot
+    from vdsa_server.transport.server import VdsaServer
+
+    assert spec.socket is not None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(VdsaServer(spec.socket, config).serve)
+        run = await boot(spec, stream)
+        nursery.cancel_scope.cancel()
+    return run
+
+
 def _boot(args: argparse.Namespace) -> int:
+    from vdsa_server.device.config import load_config
     from vdsa_server.platform.launcher import DEFAULT_FIRMWARE_DIRS, BootSpec, boot
 
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vdsa-boot-"))
+    socket = args.socket or (log_dir / "vdsa.sock" if args.serve else None)
     files = {path.name: path.read_bytes() for path in args.file}
     spec = BootSpec(
-        script=args.script.read_bytes(), files=files, socket=args.socket, profile=args.profile,
+        script=args.script.read_bytes(), files=files, socket=socket, profile=args.profile,
         cpu=args.cpu, qemu=args.qemu, firmware_dirs=args.firmware_dir or DEFAULT_FIRMWARE_DIRS,
-        timeout=args.timeout, log_dir=args.log_dir,
+        timeout=args.timeout, log_dir=log_dir,
     )
-    run = trio.run(boot, spec, _streamer(args.json))
+    if args.serve:
+        run = trio.run(_boot_with_server, spec, load_config(args.config), _streamer(args.json))
+    else:
+        run = trio.run(boot, spec, _streamer(args.json))
     _print_run(run, args.json)
     return run.exit_status
 
@@ -142,9 +200,11 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     vdsa_log.configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    from vdsa_server.device.config import ConfigError
     from vdsa_server.platform.guest_image import GuestImageMissing
     from vdsa_server.platform.launcher import LaunchError
     from vdsa_server.platform.sample_server import SampleServerError
+    from vdsa_server.transport.libvfio_user import LibraryError
     from vdsa_server.transport.socket_path import SocketPathTaken
 
     try:
@@ -153,9 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             return _demo(args)
+        if args.command == "serve":
+            return _serve(args)
         return _boot(args)
     except (LaunchError, BuildError, GuestImageMissing, SampleServerError, SocketPathTaken,
-            FileNotFoundError) as exc:
+            ConfigError, LibraryError, FileNotFoundError) as exc:
         print(f"vdsa: error: {exc}", file=sys.stderr)
         return EXIT_LAUNCH_ERROR
     except KeyboardInterrupt:

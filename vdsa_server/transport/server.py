@@ -1,0 +1,261 @@
+"""The vfio-user server: one libvfio-user context exposing one DSA function,
+driven by trio, serving one client at a time and outliving it.
+
+Shape (as QEMU's own libvfio-user server): wait for the context's poll fd,
+run the context until it has nothing left, re-attach when the client goes.
+libvfio-user reads a connecting client's version handshake, and each message
+body after its header, with blocking ``recv`` calls, so an untrusted peer that
+stops half-way could stall the server forever.  Two defences: the listening
+socket gets receive/send timeouts that accepted sockets inherit (a stalled peer
+costs at most ``PEER_IO_TIMEOUT`` and is then dropped), and ``attach`` (the
+handshake) runs in a worker thread while the trio task that owns the context
+waits for it, so the context is still used by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from pathlib import Path
+
+import trio
+
+from vdsa_server.device.config import DeviceConfig
+from vdsa_server.device.dsa import DsaDevice
+from vdsa_server.device.pci import (
+    PCI_CLASS_BASE_SYSTEM_PERIPHERAL,
+    PCI_COMMAND_MEMORY,
+    PCI_DEVICE_ID_INTEL_DSA_SPR0,
+    PCI_EXP_CAP_VERSION,
+    PCI_EXP_TYPE_RC_END,
+    PCI_PROG_IF_NONE,
+    PCI_SUBCLASS_OTHER,
+    PCI_VENDOR_ID_INTEL,
+    REVISION_ID,
+    Bar,
+    BarSpec,
+    MsixSpec,
+)
+from vdsa_server.log import get_logger
+from vdsa_server.transport.libvfio_user import (
+    CapHdr,
+    CapId,
+    Context,
+    DmaRegion,
+    IrqType,
+    LibVfioUser,
+    MsixCap,
+    PciType,
+    PxCap,
+    RegionFlag,
+    RegionIndex,
+    ResetType,
+    VfuError,
+    VfuInterrupted,
+    VfuNotConnected,
+    VfuWouldBlock,
+    load_library,
+)
+from vdsa_server.transport.socket_path import claim_socket_path
+
+log = get_logger()
+
+PEER_IO_TIMEOUT = 5.0
+PCI_COMMAND_OFFSET = 0x04
+PCI_REVISION_ID_OFFSET = 0x08
+PCI_BASE_ADDRESS_0 = 0x10
+
+
+class IrqForwarder:
+    """The device model's InterruptSink: MSI-X vector -> ``vfu_irq_trigger``.
+
+    A vector the client has not wired up (no eventfd yet, MSI-X disabled) is
+    dropped, as an interrupt to a masked-off vector is on real hardware."""
+
+    def __init__(self) -> None:
+        self.ctx: Context | None = None
+
+    def trigger(self, vector: int) -> None:
+        if self.ctx is None:
+            return
+        try:
+            self.ctx.irq_trigger(vector)
+        except VfuError as exc:
+            log.debug("irq.dropped", vector=vector, errno=exc.errno)
+
+
+def _set_peer_timeouts(listen_fd: int) -> None:
+    """Receive/send timeouts on the listening socket; Linux copies them to
+    every accepted connection, which bounds libvfio-user's blocking I/O."""
+    seconds = int(PEER_IO_TIMEOUT)
+    timeval = struct.pack("ll", seconds, int((PEER_IO_TIMEOUT - seconds) * 1e6))
+    listener = socket.socket(fileno=listen_fd)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    finally:
+        listener.detach()
+
+
+class VdsaServer:
+    """Serves a virtual DSA at ``socket_path`` until cancelled (or, with
+    ``once``, until its first client leaves).
+
+    Resources: the socket path is claimed at start (a live server there is an
+    error, a stale socket is removed) and removed on every way out; the
+    libvfio-user context is destroyed on every way out.
+    """
+
+    def __init__(self, socket_path: Path, config: DeviceConfig, *,
+                 lib: LibVfioUser | None = None, once: bool = False) -> None:
+        self.socket_path = socket_path
+        self.config = config
+        self.once = once
+        self._lib = lib
+        self._irq = IrqForwarder()
+        self.device = DsaDevice(config, self._irq)
+        self.dma_regions: dict[int, DmaRegion] = {}
+        self.connections = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        claim_socket_path(self.socket_path)
+        lib = self._lib or load_library()
+        try:
+            with Context(lib, self.socket_path) as ctx:
+                self._irq.ctx = ctx
+                self._set_up(ctx)
+                ctx.realize()
+                _set_peer_timeouts(ctx.get_poll_fd())
+                log.info("server.listening", socket=str(self.socket_path),
+                         wqs=self.config.num_wqs, mode=self.config.mode)
+                task_status.started()
+                while True:
+                    await self._accept(ctx)
+                    await self._serve_client(ctx)
+                    if self.once:
+                        return
+        finally:
+            self._irq.ctx = None
+            self.socket_path.unlink(missing_ok=True)
+            log.info("server.stopped", socket=str(self.socket_path))
+
+    def _set_up(self, ctx: Context) -> None:
+        device = self.device
+        ctx.pci_init(PciType.EXPRESS)
+        ctx.pci_set_id(PCI_VENDOR_ID_INTEL, PCI_DEVICE_ID_INTEL_DSA_SPR0,
+                       PCI_VENDOR_ID_INTEL, 0)
+        ctx.pci_set_class(PCI_CLASS_BASE_SYSTEM_PERIPHERAL, PCI_SUBCLASS_OTHER, PCI_PROG_IF_NONE)
+        config = ctx.config_space()
+        config[PCI_REVISION_ID_OFFSET] = REVISION_ID
+
+        bars = (BarSpec(Bar.REGISTERS, device.bar0_size, prefetchable=False),
+                BarSpec(Bar.PORTALS, device.bar2_size, prefetchable=True))
+        accessors = {Bar.REGISTERS: self._bar0_access, Bar.PORTALS: self._bar2_access}
+        for bar in bars:
+            ctx.setup_region(RegionIndex(bar.index), bar.size,
+                             RegionFlag.RW | RegionFlag.MEM, accessors[bar.index])
+            offset = PCI_BASE_ADDRESS_0 + 4 * bar.index
+            config[offset:offset + 4] = bar.type_bits.to_bytes(4, "little")
+
+        pcie = PxCap()
+        pcie.hdr = CapHdr(id=CapId.EXP)
+        pcie.pxcaps.ver = PCI_EXP_CAP_VERSION
+        pcie.pxcaps.dpt = PCI_EXP_TYPE_RC_END
+        ctx.add_capability(pcie)
+
+        msix = MsixSpec(vectors=device.num_msix, table_offset=device.msix_table_offset,
+                        pba_offset=device.msix_pba_offset)
+        cap = MsixCap()
+        cap.hdr = CapHdr(id=CapId.MSIX)
+        cap.mxc.ts = msix.vectors - 1
+        cap.mtab.tbir = msix.bar
+        cap.mtab.to = msix.table_offset >> 3
+        cap.mpba.pbir = msix.bar
+        cap.mpba.pbao = msix.pba_offset >> 3
+        ctx.add_capability(cap)
+        ctx.set_irq_count(IrqType.MSIX, msix.vectors)
+
+        ctx.setup_dma(self._dma_register, self._dma_unregister)
+        ctx.set_reset_callback(self._reset)
+        # Nothing runs in the background yet, so the device is quiescent at once.
+        ctx.set_quiesce_callback(lambda: True)
+        self._ctx = ctx
+
+    def _memory_decode_enabled(self) -> bool:
+        command = self._ctx.config_space()[PCI_COMMAND_OFFSET]
+        return bool(command & PCI_COMMAND_MEMORY)
+
+    def _bar0_access(self, offset: int, buf: memoryview, is_write: bool) -> None:
+        if not self._memory_decode_enabled():
+            self._undecoded(Bar.REGISTERS, offset, buf, is_write)
+        elif is_write:
+            self.device.mmio_write(offset, bytes(buf))
+        else:
+            buf[:] = self.device.mmio_read(offset, len(buf))
+
+    def _bar2_access(self, offset: int, buf: memoryview, is_write: bool) -> None:
+        if not self._memory_decode_enabled():
+            self._undecoded(Bar.PORTALS, offset, buf, is_write)
+        elif is_write:
+            self.device.portal_write(offset, bytes(buf))
+        else:
+            # Portals are write-only; reads return all ones as DSA's do.
+            buf[:] = b"\xff" * len(buf)
+
+    @staticmethod
+    def _undecoded(bar: Bar, offset: int, buf: memoryview, is_write: bool) -> None:
+        """Memory decode is off (PCI_COMMAND.MEM clear): the function does not
+        claim the access; reads see all ones (a master abort), writes vanish."""
+        log.warning("mmio.guest_error.decode_disabled", bar=int(bar), offset=offset,
+                    size=len(buf), write=is_write)
+        if not is_write:
+            buf[:] = b"\xff" * len(buf)
+
+    def _dma_register(self, region: DmaRegion) -> None:
+        self.dma_regions[region.iova] = region
+        log.info("dma.map", iova=region.iova, length=region.length,
+                 mapped=region.vaddr is not None)
+
+    def _dma_unregister(self, region: DmaRegion) -> None:
+        self.dma_regions.pop(region.iova, None)
+        log.info("dma.unmap", iova=region.iova, length=region.length)
+
+    def _reset(self, reset_type: ResetType) -> None:
+        log.info("device.reset", reason=reset_type.name.lower())
+        self.device.reset()
+
+    async def _accept(self, ctx: Context) -> None:
+        while True:
+            try:
+                await trio.to_thread.run_sync(ctx.attach)
+            except VfuWouldBlock:
+                await trio.lowlevel.wait_readable(ctx.get_poll_fd())
+                continue
+            except VfuError as exc:
+                # The peer failed the handshake (bad version, silence); drop it.
+                log.warning("connection.rejected", errno=exc.errno,
+                            error=errno.errorcode.get(exc.errno or 0, "?"))
+                continue
+            self.connections += 1
+            log.info("connection.accepted", connection=self.connections)
+            return
+
+    async def _serve_client(self, ctx: Context) -> None:
+        fd = ctx.get_poll_fd()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                while ctx.run() > 0:
+                    pass
+            except VfuInterrupted:
+                continue
+            except VfuNotConnected:
+                log.info("connection.closed", connection=self.connections)
+                return
+            except VfuError as exc:
+                # libvfio-user has already answered or dropped the message; a
+                # peer it gave up on shows up as ENOTCONN on the next run.
+                log.warning("connection.protocol_error", errno=exc.errno,
+                            error=errno.errorcode.get(exc.errno or 0, "?"))
