@@ -115,6 +115,12 @@ def _streamer(as_json: bool) -> Callable[[console.Event], None]:
     return stream
 
 
+def _device_config(path: Path | None) -> DeviceConfig:
+    from vdsa_server.device.config import DeviceConfig
+
+    return DeviceConfig.from_toml(path) if path else DeviceConfig()
+
+
 async def _serving(server: VdsaServer) -> None:
     """Run ``server`` until SIGINT/SIGTERM (or, with --once, its client leaves)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -131,10 +137,9 @@ async def _serving(server: VdsaServer) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from vdsa_server.device.config import load_config
     from vdsa_server.transport.server import VdsaServer
 
-    trio.run(_serving, VdsaServer(args.socket, load_config(args.config), once=args.once))
+    trio.run(_serving, VdsaServer(args.socket, _device_config(args.config), once=args.once))
     return 0
 
 
@@ -153,7 +158,6 @@ async def _boot_with_server(spec: BootSpec, config: DeviceConfig,
 
 
 def _boot(args: argparse.Namespace) -> int:
-    from vdsa_server.device.config import load_config
     from vdsa_server.platform.launcher import DEFAULT_FIRMWARE_DIRS, BootSpec, boot
 
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vdsa-boot-"))
@@ -165,7 +169,7 @@ def _boot(args: argparse.Namespace) -> int:
         timeout=args.timeout, log_dir=log_dir,
     )
     if args.serve:
-        run = trio.run(_boot_with_server, spec, load_config(args.config), _streamer(args.json))
+        run = trio.run(_boot_with_server, spec, _device_config(args.config), _streamer(args.json))
     else:
         run = trio.run(boot, spec, _streamer(args.json))
     _print_run(run, args.json)

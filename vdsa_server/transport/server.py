@@ -3,13 +3,22 @@ driven by trio, serving one client at a time and outliving it.
 
 Shape (as QEMU's own libvfio-user server): wait for the context's poll fd,
 run the context until it has nothing left, re-attach when the client goes.
+
 libvfio-user reads a connecting client's version handshake, and each message
 body after its header, with blocking ``recv`` calls, so an untrusted peer that
-stops half-way could stall the server forever.  Two defences: the listening
-socket gets receive/send timeouts that accepted sockets inherit (a stalled peer
-costs at most ``PEER_IO_TIMEOUT`` and is then dropped), and ``attach`` (the
-handshake) runs in a worker thread while the trio task that owns the context
-waits for it, so the context is still used by one thread at a time.
+stops half-way could stall the server forever.  Defences, each bounded by
+``PEER_IO_TIMEOUT``:
+
+- ``attach`` (accept + handshake) runs in a worker thread while the trio task
+  that owns the context waits for it, so the context is still used by one
+  thread at a time; if the handshake outlives the timeout, a watchdog shuts
+  the new connection down, which ends the blocked ``recv`` and fails the
+  attach.  (The watchdog reads the poll fd while the worker runs: a read of
+  one integer, the only concurrent use of the context.)
+- once attached, the connection gets receive and send timeouts, so a message
+  whose body never comes is answered with an error reply instead of blocking
+  ``run``.  (AF_UNIX sockets
+  do not inherit these from the listening socket, unlike TCP ones.)
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ from vdsa_server.transport.socket_path import claim_socket_path
 log = get_logger()
 
 PEER_IO_TIMEOUT = 5.0
+HANDSHAKE_POLL = 0.01
 PCI_COMMAND_OFFSET = 0x04
 PCI_REVISION_ID_OFFSET = 0x08
 PCI_BASE_ADDRESS_0 = 0x10
@@ -85,17 +95,26 @@ class IrqForwarder:
             log.debug("irq.dropped", vector=vector, errno=exc.errno)
 
 
-def _set_peer_timeouts(listen_fd: int) -> None:
-    """Receive/send timeouts on the listening socket; Linux copies them to
-    every accepted connection, which bounds libvfio-user's blocking I/O."""
+def _set_peer_timeouts(connection_fd: int) -> None:
+    """Receive/send timeouts that bound libvfio-user's blocking socket I/O."""
     seconds = int(PEER_IO_TIMEOUT)
     timeval = struct.pack("ll", seconds, int((PEER_IO_TIMEOUT - seconds) * 1e6))
-    listener = socket.socket(fileno=listen_fd)
+    connection = socket.socket(fileno=connection_fd)
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     finally:
-        listener.detach()
+        connection.detach()
+
+
+def _shut_down(connection_fd: int) -> None:
+    connection = socket.socket(fileno=connection_fd)
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone: the handshake ended on its own
+    finally:
+        connection.detach()
 
 
 class VdsaServer:
@@ -127,9 +146,8 @@ class VdsaServer:
                 self._irq.ctx = ctx
                 self._set_up(ctx)
                 ctx.realize()
-                _set_peer_timeouts(ctx.get_poll_fd())
                 log.info("server.listening", socket=str(self.socket_path),
-                         wqs=self.config.num_wqs, mode=self.config.mode)
+                         wqs=self.config.num_wqs, mode=self.config.mode.value)
                 task_status.started()
                 while True:
                     await self._accept(ctx)
@@ -147,7 +165,7 @@ class VdsaServer:
         ctx.pci_set_id(PCI_VENDOR_ID_INTEL, PCI_DEVICE_ID_INTEL_DSA_SPR0,
                        PCI_VENDOR_ID_INTEL, 0)
         ctx.pci_set_class(PCI_CLASS_BASE_SYSTEM_PERIPHERAL, PCI_SUBCLASS_OTHER, PCI_PROG_IF_NONE)
-        config = ctx.config_space()
+        config = ctx.config_space
         config[PCI_REVISION_ID_OFFSET] = REVISION_ID
 
         bars = (BarSpec(Bar.REGISTERS, device.bar0_size, prefetchable=False),
@@ -184,7 +202,7 @@ class VdsaServer:
         self._ctx = ctx
 
     def _memory_decode_enabled(self) -> bool:
-        command = self._ctx.config_space()[PCI_COMMAND_OFFSET]
+        command = self._ctx.config_space[PCI_COMMAND_OFFSET]
         return bool(command & PCI_COMMAND_MEMORY)
 
     def _bar0_access(self, offset: int, buf: memoryview, is_write: bool) -> None:
@@ -223,24 +241,62 @@ class VdsaServer:
         log.info("dma.unmap", iova=region.iova, length=region.length)
 
     def _reset(self, reset_type: ResetType) -> None:
-        log.info("device.reset", reason=reset_type.name.lower())
+        log.info("transport.reset", reason=reset_type.name.lower())
         self.device.reset()
 
     async def _accept(self, ctx: Context) -> None:
+        listen_fd = ctx.get_poll_fd()
         while True:
+            await trio.lowlevel.wait_readable(listen_fd)
             try:
-                await trio.to_thread.run_sync(ctx.attach)
+                await self._attach(ctx, listen_fd)
             except VfuWouldBlock:
-                await trio.lowlevel.wait_readable(ctx.get_poll_fd())
-                continue
+                continue  # the connecting peer went away before accept
             except VfuError as exc:
                 # The peer failed the handshake (bad version, silence); drop it.
                 log.warning("connection.rejected", errno=exc.errno,
                             error=errno.errorcode.get(exc.errno or 0, "?"))
                 continue
+            _set_peer_timeouts(ctx.get_poll_fd())
             self.connections += 1
             log.info("connection.accepted", connection=self.connections)
             return
+
+    async def _attach(self, ctx: Context, listen_fd: int) -> None:
+        """``ctx.attach`` in a worker thread, never outliving PEER_IO_TIMEOUT
+        nor a cancellation: either ends any handshake still in progress."""
+        finished = trio.Event()
+
+        async def watchdog() -> None:
+            try:
+                with trio.move_on_after(PEER_IO_TIMEOUT):
+                    await finished.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await end_pending_handshake()
+
+        async def end_pending_handshake() -> None:
+            # The worker may not have accepted yet: keep looking until it returns.
+            shut = -1
+            while not finished.is_set():
+                fd = ctx.get_poll_fd()
+                if fd not in (listen_fd, shut):
+                    log.warning("connection.handshake_abandoned", seconds=PEER_IO_TIMEOUT)
+                    _shut_down(fd)
+                    shut = fd
+                await trio.sleep(HANDSHAKE_POLL)
+
+        failure: VfuError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog)
+            try:
+                await trio.to_thread.run_sync(ctx.attach)
+            except VfuError as exc:
+                failure = exc  # raised bare below, not wrapped in the nursery's group
+            finally:
+                finished.set()
+        if failure is not None:
+            raise failure
 
     async def _serve_client(self, ctx: Context) -> None:
         fd = ctx.get_poll_fd()
