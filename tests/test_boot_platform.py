@@ -43,8 +43,8 @@ def run_cli(*args: str, log_dir: Path) -> CliBoot:
 
 @pytest.fixture(scope="module")
 def platform_check(tmp_path_factory: pytest.TempPathFactory) -> CliBoot:
-    """One run of the README's main job (`vdsa demo`: the platform check in a
-    guest with libvfio-user's sample device), shared by the tests below."""
+    """One run of the README's main job (`vdsa demo`: the platform check and
+    the DSA configuration in a guest served by vdsa), shared by the tests below."""
     return run_cli("demo", log_dir=tmp_path_factory.mktemp("demo"))
 
 
@@ -87,11 +87,22 @@ def test_cli_streams_output_results_and_exit_status(tmp_path: Path) -> None:
     assert run.summary["results"] == {"answer": "42", "text": "multi\nline"}
 
 
-def test_sample_server_function_is_visible(platform_check: CliBoot) -> None:
+async def test_sample_server_function_is_visible(boot_guest: BootGuest, tmp_path: Path) -> None:
+    """libvfio-user's own sample server: the vfio-user path without our device."""
+    socket = tmp_path / "sample.sock"
+    async with sample_server(socket, tmp_path / "sample-server.log"):
+        run = await boot_guest(
+            "for d in /sys/bus/pci/devices/*; do echo \"$(cat $d/vendor):$(cat $d/device)\"; done",
+            socket=socket, name="sample")
+    assert run.exit_status == 0
+    assert SAMPLE_FUNCTION in run.lines, run.lines
+    assert not socket.exists()
+
+
+def test_demo_shows_the_dsa_function(platform_check: CliBoot) -> None:
     functions = platform_check.summary["results"]["pci.functions"].splitlines()
-    assert any(f" {SAMPLE_FUNCTION} " in line for line in functions), functions
-    assert (platform_check.log_dir / "sample-server.log").is_file()
-    assert not (platform_check.log_dir / "sample.sock").exists()
+    assert any(" 0x8086:0x0b25 " in line for line in functions), functions
+    assert platform_check.summary["results"]["states.enabled"] == "enabled enabled"
 
 
 async def test_sample_server_refuses_a_taken_socket(tmp_path: Path) -> None:

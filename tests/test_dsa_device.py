@@ -226,7 +226,7 @@ def test_capabilities_describe_the_config(rig: Rig) -> None:
     gencap.bits = rig.read(IDXD_GENCAP_OFFSET, 8)
     assert gencap.cmd_cap == 1
     assert gencap.config_en == 1
-    assert gencap.block_on_fault == 0
+    assert gencap.block_on_fault == 1
     assert gencap.max_ims_mult == 0
     assert 1 << gencap.max_xfer_shift == config.max_transfer_size
     assert 1 << gencap.max_batch_shift == config.max_batch_size
@@ -235,7 +235,7 @@ def test_capabilities_describe_the_config(rig: Rig) -> None:
     assert (wqcap.num_wqs, wqcap.total_wq_size) == (config.num_wqs, config.total_wq_size)
     assert 1 << (wqcap.wqcfg_size + IDXD_WQCFG_MIN) == 32
     assert (wqcap.dedicated_mode, wqcap.shared_mode, wqcap.op_config) == (1, 0, 0)
-    assert (wqcap.priority, wqcap.occupancy, wqcap.wq_ats_support) == (1, 1, 0)
+    assert (wqcap.priority, wqcap.occupancy, wqcap.wq_ats_support) == (1, 1, 1)
     grpcap = GroupCapReg()
     grpcap.bits = rig.read(IDXD_GRPCAP_OFFSET, 8)
     assert grpcap.num_groups == config.num_groups
@@ -451,8 +451,10 @@ def test_enable_and_disable_device(rig: Rig) -> None:
 
 
 def test_enable_device_refuses_a_bad_gencfg(rig: Rig) -> None:
-    rig.write(IDXD_GENCFG_OFFSET, GenCfgReg(rdbuf_limit=4).bits)  # GRPCAP offers none
+    rig.write(IDXD_GENCFG_OFFSET, GenCfgReg(rdbuf_limit=200).bits)  # GRPCAP offers 96
     assert rig.err(IdxdCmd.ENABLE_DEVICE) is IdxdCmdstsErr.ERR_CONFIG
+    rig.write(IDXD_GENCFG_OFFSET, GenCfgReg(rdbuf_limit=96).bits)
+    assert rig.err(IdxdCmd.ENABLE_DEVICE) is IdxdCmdstsErr.SUCCESS
 
 
 def test_enable_device_refuses_too_large_wqs(rig: Rig) -> None:
@@ -494,8 +496,10 @@ def test_group_bits_beyond_the_topology_are_reserved(rig: Rig) -> None:
     assert rig.read(layout.grpwqcfg_offset(0, 0), 8) == 0xFF
     assert rig.read(layout.grpwqcfg_offset(0, 1), 8) == 0
     assert rig.read(layout.grpengcfg_offset(0), 8) == 0x0F
-    tcs = field_mask(GroupFlags, "tc_a") | field_mask(GroupFlags, "tc_b")
-    assert rig.read(layout.grpflgcfg_offset(0), 8) == tcs
+    writable = 0
+    for name in ("tc_a", "tc_b", "use_rdbuf_limit", "rdbufs_reserved", "rdbufs_allowed"):
+        writable |= field_mask(GroupFlags, name)
+    assert rig.read(layout.grpflgcfg_offset(0), 8) == writable
     assert rig.read(layout.grpwqcfg_offset(0, 0) + 48, 16) == 0
     assert len(events(logs, "mmio.guest_error.readonly_bits")) == 5
 
@@ -566,7 +570,7 @@ def test_enable_wq_needs_an_enabled_device(rig: Rig) -> None:
         ({"wq_size": 0}, IdxdCmdstsErr.ERR_WQ_SIZE),
         ({"priority": 0}, IdxdCmdstsErr.ERR_WQ_PRIOR),
         ({"mode": IdxdWqMode.SHARED}, IdxdCmdstsErr.ERR_WQ_MODE),
-        ({"bof": 1}, IdxdCmdstsErr.ERR_BOF_EN),
+        ({"bof": 1}, IdxdCmdstsErr.SUCCESS),
         ({"pasid_en": 1, "pasid": 5}, IdxdCmdstsErr.ERR_PASID_EN),
         ({"max_batch_shift": 11}, IdxdCmdstsErr.ERR_MAX_BATCH_SIZE),
         ({"max_xfer_shift": 22}, IdxdCmdstsErr.ERR_MAX_XFER_SIZE),
@@ -619,9 +623,10 @@ def test_wqcfg_read_only_fields_keep_their_value(rig: Rig) -> None:
         rig.write(rig.wqcfg_offset(0, 4), 0xFFFF_FFFF, 8)
         rig.write(rig.wqcfg_offset(0, 2), 0xFFFF_FFFF)
     wqcfg = rig.device.wq_config(0)
-    assert (wqcfg.occupancy, wqcfg.wq_state, wqcfg.occupancy_limit, wqcfg.wq_ats_disable) == (
-        0, IdxdWqState.DISABLED, 0, 0)
-    assert (wqcfg.priority, wqcfg.pasid, wqcfg.mode, wqcfg.priv) == (15, 0xFFFFF, 1, 1)
+    assert (wqcfg.occupancy, wqcfg.wq_state, wqcfg.occupancy_limit) == (
+        0, IdxdWqState.DISABLED, 0)
+    assert (wqcfg.priority, wqcfg.pasid, wqcfg.mode, wqcfg.priv, wqcfg.wq_ats_disable) == (
+        15, 0xFFFFF, 1, 1, 1)
     assert len(events(logs, "mmio.guest_error.readonly_bits")) == 3
 
 

@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--once", action="store_true",
                        help="exit when the first client disconnects")
 
-    demo = sub.add_parser("demo", help="the main job: boot the guest with a vfio-user device "
-                          "and run the platform check in it")
+    demo = sub.add_parser("demo", help="the main job: serve a virtual DSA, boot a guest that "
+                          "checks the platform and configures the DSA with the stock driver")
+    demo.add_argument("--config", type=Path, help="device configuration (TOML)")
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole boot")
     demo.add_argument("--log-dir", type=Path, help="where the logs and the socket go")
     demo.add_argument("--json", action="store_true", help="print one JSON summary at the end")
@@ -161,6 +162,7 @@ def _boot(args: argparse.Namespace) -> int:
     from vdsa_server.platform.launcher import DEFAULT_FIRMWARE_DIRS, BootSpec, boot
 
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vdsa-boot-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
     socket = args.socket or (log_dir / "vdsa.sock" if args.serve else None)
     files = {path.name: path.read_bytes() for path in args.file}
     spec = BootSpec(
@@ -177,28 +179,23 @@ def _boot(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The platform check in a guest that also has libvfio-user's sample device."""
+    """vdsa's own server, and a guest that checks the platform and then
+    configures and enables the virtual DSA with the stock driver."""
     from vdsa_server.paths import QEMU_CONFIGS
-    from vdsa_server.platform.launcher import BootSpec, boot
-    from vdsa_server.platform.sample_server import SAMPLE_FUNCTION, sample_server
+    from vdsa_server.platform.launcher import BootSpec
 
+    scripts = QEMU_CONFIGS / "guest-scripts"
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vdsa-demo-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    script = QEMU_CONFIGS / "guest-scripts" / "platform-check.sh"
-
-    async def demo() -> GuestRun:
-        socket = log_dir / "sample.sock"
-        async with sample_server(socket, log_dir / "sample-server.log"):
-            spec = BootSpec(script=script.read_bytes(), socket=socket, log_dir=log_dir,
-                            timeout=args.timeout)
-            return await boot(spec, _streamer(args.json))
-
-    run = trio.run(demo)
+    files = {name: (scripts / name).read_bytes()
+             for name in ("platform-check.sh", "dsa-configure.sh")}
+    spec = BootSpec(script=(scripts / "demo.sh").read_bytes(), files=files,
+                    socket=log_dir / "vdsa.sock", log_dir=log_dir, timeout=args.timeout)
+    run = trio.run(_boot_with_server, spec, _device_config(args.config), _streamer(args.json))
     _print_run(run, args.json)
-    seen = SAMPLE_FUNCTION in run.results.get("pci.functions", "")
-    print(f"vfio-user sample device {SAMPLE_FUNCTION} in the guest: {'yes' if seen else 'NO'}",
-          file=sys.stderr)
-    return run.exit_status if seen else 1
+    states = run.results.get("states.enabled", "missing")
+    print(f"virtual DSA in the guest: device and wq0.0 {states}", file=sys.stderr)
+    return run.exit_status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vdsa_server.transport.libvfio_user import LibraryError
     from vdsa_server.transport.socket_path import SocketPathTaken
 
+    expected = (LaunchError, BuildError, GuestImageMissing, SampleServerError, SocketPathTaken,
+                ConfigError, LibraryError, OSError)
     try:
         if args.command == "build":
             trio.run(_build, args.what, args.force)
@@ -220,10 +219,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         return _boot(args)
-    except (LaunchError, BuildError, GuestImageMissing, SampleServerError, SocketPathTaken,
-            ConfigError, LibraryError, FileNotFoundError) as exc:
-        print(f"vdsa: error: {exc}", file=sys.stderr)
-        return EXIT_LAUNCH_ERROR
     except KeyboardInterrupt:
         return 128 + 2
+    except BaseException as exc:
+        # trio's nurseries wrap errors in groups; what the user needs is the leaves.
+        leaves = _leaves(exc)
+        if not all(isinstance(leaf, expected) for leaf in leaves):
+            raise
+        for leaf in leaves:
+            print(f"vdsa: error: {leaf}", file=sys.stderr)
+        return EXIT_LAUNCH_ERROR
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 

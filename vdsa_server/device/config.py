@@ -29,6 +29,7 @@ MiB = 1 << 20
 MAX_WQS = 0xFF
 MAX_GROUPS = 0xFF
 MAX_ENGINES = 64
+MAX_READ_BUFFERS = 0xFF  # GRPCAP.total_rdbufs is 8 bits
 MAX_TOTAL_WQ_SIZE = 0xFFFF
 MAX_PRIORITY = 0xF  # WQCFG.priority is 4 bits; 0 is refused by Enable WQ
 # GENCAP.max_xfer_shift is 5 bits and GENCAP.max_batch_shift 4 bits.
@@ -103,6 +104,9 @@ class DeviceConfig:
     max_batch_size: int = 1024
     opcodes: frozenset[DsaOpcode] = ALL_OPCODES
     interrupt_handles: bool = False  # advertise REQUEST/RELEASE_INT_HANDLE in CMDCAP
+    # GRPCAP.total_rdbufs; 0 advertises no read-buffer control.  accel-config's
+    # load-config writes read_buffer_limit, which the driver refuses without it.
+    read_buffers: int = 96
     groups: tuple[GroupPreset, ...] = ()
     wqs: tuple[WqPreset, ...] = ()
 
@@ -111,6 +115,7 @@ class DeviceConfig:
         _check_range("num_engines", self.num_engines, 1, MAX_ENGINES)
         _check_range("num_groups", self.num_groups, 1, MAX_GROUPS)
         _check_range("total_wq_size", self.total_wq_size, 1, MAX_TOTAL_WQ_SIZE)
+        _check_range("read_buffers", self.read_buffers, 0, MAX_READ_BUFFERS)
         configurable = self.mode is ConfigMode.CONFIGURABLE
         _check_power_of_two(
             "max_transfer_size", self.max_transfer_size,
@@ -258,6 +263,7 @@ class DeviceConfig:
             f"max_transfer_size = {self.max_transfer_size}",
             f"max_batch_size = {self.max_batch_size}",
             f"interrupt_handles = {'true' if self.interrupt_handles else 'false'}",
+            f"read_buffers = {self.read_buffers}",
             "opcodes = [" + ", ".join(f'"{op.name}"' for op in sorted(self.opcodes)) + "]",
         ]
         for group in self.groups:

@@ -91,18 +91,18 @@ _WQ_SET_SIZE = 16
 _WQ_SET_MASK = (1 << _WQ_SET_SIZE) - 1
 _INT_HANDLE_MASK = CMD_INT_HANDLE_IMS - 1
 
-_READ_BUFFERS = 0  # GRPCAP.total_rdbufs: no read-buffer control, so GRPFLAGS' fields are inert
 
 # WQCFG bits the guest may write. Configurable: everything DSA 1.x defines except what a
 # capability we do not advertise governs (ATS disable, occupancy interrupts). Read-only config:
 # only PASID, PASID enable and privilege (DSA spec; idxd_wq_set_pasid writes them).
 _WQCFG_CONFIGURABLE_FIELDS = (
-    "wq_size", "wq_thresh", "mode", "bof", "priority", "pasid", "pasid_en", "priv",
-    "max_xfer_shift", "max_batch_shift",
+    "wq_size", "wq_thresh", "mode", "bof", "wq_ats_disable", "priority", "pasid", "pasid_en",
+    "priv", "max_xfer_shift", "max_batch_shift",
 )
 _WQCFG_READ_ONLY_FIELDS = ("pasid", "pasid_en", "priv")
 # GRPFLAGS: only the traffic classes; read buffers and progress limits are not advertised.
 _GRPFLAGS_FIELDS = ("tc_a", "tc_b")
+_GRPFLAGS_READ_BUFFER_FIELDS = ("use_rdbuf_limit", "rdbufs_reserved", "rdbufs_allowed")
 _MSIX_PERM_FIELDS = ("ignore", "pasid_en", "pasid")
 # Group traffic classes the 6.1 driver programs for DSA 1.x (idxd_setup_groups).
 _DEFAULT_TRAFFIC_CLASS = 1
@@ -186,6 +186,9 @@ def _capability_registers(config: DeviceConfig, layout: TableLayout) -> list[tup
     gencap.cache_control_mem = 1  # the cache-control flag is a hint an emulator can always honour
     gencap.cache_control_cache = 1
     gencap.cmd_cap = 1
+    # Block on fault is accepted, as DSA hardware does; guest memory that QEMU
+    # maps never faults in a way blocking could resolve, so nothing ever blocks.
+    gencap.block_on_fault = 1
     gencap.max_xfer_shift = config.max_transfer_shift
     gencap.max_batch_shift = config.max_batch_shift
     gencap.config_en = int(config.mode is ConfigMode.CONFIGURABLE)
@@ -195,11 +198,15 @@ def _capability_registers(config: DeviceConfig, layout: TableLayout) -> list[tup
     wqcap.num_wqs = config.num_wqs
     wqcap.dedicated_mode = 1  # shared WQs need PASID and ENQCMD, which the guest lacks
     wqcap.priority = 1
+    # Per-WQ ATS disable, as DSA 1.x has; without an IOMMU there is no ATS to
+    # disable, but accel-config's load-config writes the attribute regardless.
+    wqcap.wq_ats_support = 1
     wqcap.occupancy = 1  # always 0: descriptors leave the WQ as they arrive
 
     grpcap = GroupCapReg()
     grpcap.num_groups = config.num_groups
-    grpcap.total_rdbufs = _READ_BUFFERS
+    grpcap.total_rdbufs = config.read_buffers
+    grpcap.rdbuf_ctrl = grpcap.rdbuf_limit = int(config.read_buffers > 0)
 
     engcap = EngineCapReg()
     engcap.num_engines = config.num_engines
@@ -523,7 +530,10 @@ class DsaDevice:
         for n in range(self.config.num_wqs):
             mask.wqs[n // 64] |= 1 << (n % 64)
         mask.engines = (1 << self.config.num_engines) - 1
-        mask.flags.bits = _fields_mask(GroupFlags, _GRPFLAGS_FIELDS)
+        flags: tuple[str, ...] = _GRPFLAGS_FIELDS
+        if self.config.read_buffers:
+            flags += _GRPFLAGS_READ_BUFFER_FIELDS
+        mask.flags.bits = _fields_mask(GroupFlags, flags)
         return bytes(mask).ljust(GRPCFG_SIZE, b"\0")
 
     def _merge(self, region: _Region, start: int, chunk: bytes, writable: bytes) -> None:
@@ -630,7 +640,7 @@ class DsaDevice:
     def _enable_device(self, _operand: int) -> _Completion:
         if self.state is IdxdDeviceStatusState.ENABLED:
             return IdxdCmdstsErr.ERR_DEV_ENABLED, 0
-        if self._gencfg.rdbuf_limit > _READ_BUFFERS:  # GENCFG asks for what GRPCAP lacks
+        if self._gencfg.rdbuf_limit > self.config.read_buffers:  # more than GRPCAP offers
             return IdxdCmdstsErr.ERR_CONFIG, 0
         claimed = sum(self._wqcfg(n).wq_size for n in range(self.config.num_wqs))
         if claimed > self.config.total_wq_size:
@@ -702,8 +712,6 @@ class DsaDevice:
             return IdxdCmdstsErr.ERR_WQ_PRIOR
         if wqcfg.mode != IdxdWqMode.DEDICATED:  # WQCAP advertises dedicated mode only
             return IdxdCmdstsErr.ERR_WQ_MODE
-        if wqcfg.bof:  # GENCAP.block_on_fault is 0
-            return IdxdCmdstsErr.ERR_BOF_EN
         if wqcfg.pasid_en:  # the function has no PASID capability
             return IdxdCmdstsErr.ERR_PASID_EN
         if wqcfg.max_batch_shift > self.config.max_batch_shift:
