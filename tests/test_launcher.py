@@ -3,6 +3,7 @@ the capability probe against real QEMU binaries, and clear errors."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -103,3 +104,20 @@ async def test_failed_build_step_names_its_log(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match=r"(?s)status 3.*step\.log.*went wrong"):
         await run_step("demo", ["sh", "-c", "echo went wrong; exit 3"], log_file=log_file)
     assert "went wrong" in log_file.read_text()
+
+
+def host_has_movdir64b() -> bool:
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("flags"))
+    return "movdir64b" in flags.split()
+
+
+async def test_kvm_probe_follows_the_host_cpu(tmp_path: Path) -> None:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no usable /dev/kvm on this machine")
+    caps = await launcher.probe_qemu(cached_qemu_binary(), "kvm", "host")
+    assert caps.movdir64b == host_has_movdir64b()
+    if not caps.movdir64b:
+        spec = BootSpec(script=b"true", profile="kvm", log_dir=tmp_path)
+        with pytest.raises(NoMovdir64b, match=r"-cpu host under kvm"):
+            await launcher.boot(spec)

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from vdsa_server.client import ConnectionClosed, GuestMemory, VfioUserClient, VfioUserError
-from vdsa_server.client.protocol import Command
+from vdsa_server.client.protocol import Command, IrqSetFlag
 from vdsa_server.device import registers as r
 from vdsa_server.device.config import DeviceConfig
 from vdsa_server.device.pci import PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, Bar
@@ -34,6 +34,7 @@ PCI_BASE_ADDRESS_0 = 0x10
 PCI_CAPABILITY_LIST = 0x34
 PCI_CAP_ID_EXP = 0x10
 PCI_CAP_ID_MSIX = 0x11
+PCI_IRQ_MSIX = 2
 
 
 @asynccontextmanager
@@ -164,6 +165,22 @@ async def test_device_command_raises_msix_vector_0(tmp_path: Path) -> None:
         assert await vectors[0].wait() >= 1
         status = await client.read32(Bar.REGISTERS, r.IDXD_CMDSTS_OFFSET)
         assert status & r.IDXD_CMDSTS_ACTIVE == 0
+
+
+async def test_masked_vector_keeps_its_interrupt_pending(tmp_path: Path) -> None:
+    sock = tmp_path / "dsa.sock"
+    async with running_server(sock) as server, client_for(sock) as client:
+        await enable_memory(client)
+        vectors = await client.enable_msix(server.device.num_msix)
+        await client.set_irqs(PCI_IRQ_MSIX, 0, 1, IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_MASK)
+        cmd = r.IdxdCommandReg()
+        cmd.cmd = r.IdxdCmd.ENABLE_DEVICE
+        cmd.int_req = 1
+        await client.write32(Bar.REGISTERS, r.IDXD_CMD_OFFSET, int.from_bytes(bytes(cmd), "little"))
+        assert vectors[0].poll() == 0
+        await client.set_irqs(PCI_IRQ_MSIX, 0, 1,
+                              IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_UNMASK)
+        assert await vectors[0].wait() == 1
 
 
 async def test_dma_regions_are_tracked(tmp_path: Path) -> None:

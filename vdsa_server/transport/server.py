@@ -80,19 +80,41 @@ PCI_BASE_ADDRESS_0 = 0x10
 class IrqForwarder:
     """The device model's InterruptSink: MSI-X vector -> ``vfu_irq_trigger``.
 
-    A vector the client has not wired up (no eventfd yet, MSI-X disabled) is
-    dropped, as an interrupt to a masked-off vector is on real hardware."""
+    A vector the client masked (vfio-user SET_IRQS mask action) keeps its
+    interrupt pending and receives it when unmasked, as MSI-X's pending bit
+    does.  A vector the client has not wired up (no eventfd) is dropped."""
 
     def __init__(self) -> None:
         self.ctx: Context | None = None
+        self.masked: set[int] = set()
+        self.pending: set[int] = set()
 
     def trigger(self, vector: int) -> None:
+        if vector in self.masked:
+            self.pending.add(vector)
+            log.debug("irq.pending", vector=vector)
+            return
         if self.ctx is None:
             return
         try:
             self.ctx.irq_trigger(vector)
         except VfuError as exc:
             log.debug("irq.dropped", vector=vector, errno=exc.errno)
+
+    def set_masked(self, start: int, count: int, masked: bool) -> None:
+        vectors = set(range(start, start + count))
+        log.info("irq.mask" if masked else "irq.unmask", start=start, count=count)
+        if masked:
+            self.masked |= vectors
+            return
+        self.masked -= vectors
+        for vector in sorted(self.pending & vectors):
+            self.pending.discard(vector)
+            self.trigger(vector)
+
+    def reset(self) -> None:
+        self.masked.clear()
+        self.pending.clear()
 
 
 def _set_peer_timeouts(connection_fd: int) -> None:
@@ -194,6 +216,7 @@ class VdsaServer:
         cap.mpba.pbao = msix.pba_offset >> 3
         ctx.add_capability(cap)
         ctx.set_irq_count(IrqType.MSIX, msix.vectors)
+        ctx.set_irq_state_callback(IrqType.MSIX, self._irq.set_masked)
 
         ctx.setup_dma(self._dma_register, self._dma_unregister)
         ctx.set_reset_callback(self._reset)
@@ -242,6 +265,7 @@ class VdsaServer:
 
     def _reset(self, reset_type: ResetType) -> None:
         log.info("transport.reset", reason=reset_type.name.lower())
+        self._irq.reset()
         self.device.reset()
 
     async def _accept(self, ctx: Context) -> None:
