@@ -18,6 +18,7 @@ from tests.c_layouts import assert_layouts_match, c_enumerators, run_c
 from vdsa_server.client import protocol as p
 from vdsa_server.device.registers import Layout
 from vdsa_server.platform.libvfio_user_build import libvfio_user_artifact
+from vdsa_server.vfio import PciIrq, PciRegion
 
 PRELUDE = """\
 #include <stdint.h>
@@ -54,12 +55,12 @@ MACROS: tuple[tuple[type[IntEnum] | type[IntFlag], str], ...] = (
     (p.IrqSetFlag, "VFIO_IRQ_SET_{}"),
     (p.DmaMapFlag, "VFIO_USER_F_DMA_REGION_{}"),
     (p.DmaUnmapFlag, "VFIO_DMA_UNMAP_FLAG_{}"),
-    (p.PciIrq, "VFIO_PCI_{}_IRQ_INDEX"),
+    (PciIrq, "VFIO_PCI_{}_IRQ_INDEX"),
 )
 
 
 def c_name(pattern: str, member: IntEnum | IntFlag) -> str:
-    if member is p.PciRegion.MIGRATION:
+    if member is PciRegion.MIGRATION:
         return "VFU_PCI_DEV_MIGR_REGION_IDX"
     return pattern.format(member.name)
 
@@ -82,7 +83,7 @@ def test_layouts_match_the_headers(include: Path, tmp_path: Path) -> None:
 
 
 def test_constants_match_the_headers(include: Path, tmp_path: Path) -> None:
-    enums = (*MACROS, (p.PciRegion, "VFIO_PCI_{}_REGION_INDEX"))
+    enums = (*MACROS, (PciRegion, "VFIO_PCI_{}_REGION_INDEX"))
     names = {c_name(pattern, m): int(m) for py_enum, pattern in enums for m in py_enum}
     body = [f'printf("{n}|%llu\\n", (unsigned long long)({n}));' for n in names]
     c = run_c(PRELUDE, include, tmp_path, body)
@@ -320,15 +321,15 @@ def test_malformed_region_info_is_refused(payload: bytes, message: str) -> None:
 
 
 def test_irq_info() -> None:
-    request = p.VfioIrqInfo.from_buffer_copy(p.encode_device_get_irq_info(p.PciIrq.MSIX))
+    request = p.VfioIrqInfo.from_buffer_copy(p.encode_device_get_irq_info(PciIrq.MSIX))
     assert (request.argsz, request.index) == (16, 2)
     info = p.decode_irq_info(bytes(p.VfioIrqInfo(16, 1, 2, 9)))
-    assert info == p.IrqInfo(p.PciIrq.MSIX, p.IrqInfoFlag.EVENTFD, 9)
+    assert info == p.IrqInfo(PciIrq.MSIX, p.IrqInfoFlag.EVENTFD, 9)
 
 
 def test_set_irqs_argsz_counts_bool_data_not_eventfds() -> None:
     flags = p.IrqSetFlag.DATA_BOOL | p.IrqSetFlag.ACTION_TRIGGER
-    payload = p.encode_set_irqs(p.PciIrq.MSIX, 2, 3, flags, bytes([1, 0, 1]))
+    payload = p.encode_set_irqs(PciIrq.MSIX, 2, 3, flags, bytes([1, 0, 1]))
     irq_set = p.VfioIrqSet.from_buffer_copy(payload)
     assert (irq_set.argsz, irq_set.flags, irq_set.index, irq_set.start, irq_set.count) == (
         23, flags, 2, 2, 3)
@@ -350,7 +351,7 @@ def test_dma_map_and_unmap() -> None:
 
 
 def test_region_access_round_trip() -> None:
-    payload = p.encode_region_access(p.PciRegion.BAR2, 0x40, 4, b"\x01\x02\x03\x04")
+    payload = p.encode_region_access(PciRegion.BAR2, 0x40, 4, b"\x01\x02\x03\x04")
     assert len(payload) == 20
     assert p.decode_region_access(payload, "REGION_WRITE") == p.RegionAccess(
         2, 0x40, 4, b"\x01\x02\x03\x04")

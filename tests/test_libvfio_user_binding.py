@@ -123,6 +123,9 @@ ENUM_PATTERNS: dict[type[enum.Enum], str] = {
     CapId: "PCI_CAP_ID_{}",
     lvu.ExtCapId: "PCI_EXT_CAP_ID_{}",
 }
+# libvfio-user abbreviates two of VFIO's region names.
+C_MEMBER_NAMES: dict[tuple[type[enum.Enum], str], str] = {
+    (RegionIndex, "CONFIG"): "CFG", (RegionIndex, "MIGRATION"): "MIGR"}
 CONSTANTS: dict[str, int] = {
     "VFU_TRANS_SOCK": lvu._VFU_TRANS_SOCK,
     "VFU_DEV_TYPE_PCI": lvu._VFU_DEV_TYPE_PCI,
@@ -150,7 +153,7 @@ def _enum_constants() -> dict[str, int]:
     for cls, pattern in ENUM_PATTERNS.items():
         # __members__, unlike iteration, includes multi-bit flags such as RW.
         for name, member in cls.__members__.items():
-            values[pattern.format(name)] = int(member.value)
+            values[pattern.format(C_MEMBER_NAMES.get((cls, name), name))] = int(member.value)
     return values
 
 

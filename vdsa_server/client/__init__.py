@@ -13,7 +13,8 @@ from vdsa_server.client.client import (
     VfioUserError,
     VfioUserTimeout,
 )
-from vdsa_server.client.protocol import Command, PciIrq, PciRegion, ProtocolError
+from vdsa_server.client.protocol import Command, ProtocolError
+from vdsa_server.vfio import PciIrq, PciRegion
 
 __all__ = [
     "Command",

@@ -48,8 +48,6 @@ from vdsa_server.client.protocol import (
     IrqInfo,
     IrqSetFlag,
     MessageIds,
-    PciIrq,
-    PciRegion,
     ProtocolError,
     RegionInfo,
     VersionInfo,
@@ -75,6 +73,7 @@ from vdsa_server.client.protocol import (
     encode_version,
 )
 from vdsa_server.log import get_logger
+from vdsa_server.vfio import PciIrq, PciRegion
 
 log = get_logger()
 

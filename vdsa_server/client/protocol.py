@@ -156,31 +156,6 @@ class DmaUnmapFlag(enum.IntFlag):
     ALL = 1 << 1
 
 
-class PciRegion(enum.IntEnum):
-    """``VFIO_PCI_*_REGION_INDEX``; MIGRATION is libvfio-user's ``VFU_PCI_DEV_MIGR_REGION_IDX``."""
-
-    BAR0 = 0
-    BAR1 = 1
-    BAR2 = 2
-    BAR3 = 3
-    BAR4 = 4
-    BAR5 = 5
-    ROM = 6
-    CONFIG = 7
-    VGA = 8
-    MIGRATION = 9
-
-
-class PciIrq(enum.IntEnum):
-    """``VFIO_PCI_*_IRQ_INDEX``."""
-
-    INTX = 0
-    MSI = 1
-    MSIX = 2
-    ERR = 3
-    REQ = 4
-
-
 # --- Layouts ----------------------------------------------------------------------------------
 
 

@@ -53,6 +53,7 @@ from types import TracebackType
 from typing import Any, ParamSpec
 
 from vdsa_server.log import get_logger
+from vdsa_server.vfio import PciIrq, PciRegion
 
 ENV_LIBRARY = "VDSA_LIBVFIO_USER"
 
@@ -123,17 +124,9 @@ class PciType(enum.IntEnum):
     EXPRESS = 3
 
 
-class RegionIndex(enum.IntEnum):
-    BAR0 = 0
-    BAR1 = 1
-    BAR2 = 2
-    BAR3 = 3
-    BAR4 = 4
-    BAR5 = 5
-    ROM = 6
-    CFG = 7
-    VGA = 8
-    MIGR = 9
+# libvfio-user's names for VFIO's indices (vfu_setup_region, vfu_setup_device_nr_irqs).
+RegionIndex = PciRegion
+IrqType = PciIrq
 
 
 class RegionFlag(enum.IntFlag):
@@ -142,14 +135,6 @@ class RegionFlag(enum.IntFlag):
     RW = READ | WRITE
     MEM = 1 << 2  # without it the region is an I/O BAR
     ALWAYS_CB = 1 << 3  # config space only: every access goes to the callback
-
-
-class IrqType(enum.IntEnum):
-    INTX = 0
-    MSI = 1
-    MSIX = 2
-    ERR = 3
-    REQ = 4
 
 
 class ResetType(enum.IntEnum):
