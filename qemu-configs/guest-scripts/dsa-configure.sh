@@ -46,6 +46,9 @@ accel-config load-config -c /tmp/dsa.conf -e
 check reenable $?
 vdsa-result states.reenabled "$(states)"
 
+# Disable before unbinding: Debian's 6.1 idxd_remove() walks WQs it has already
+# freed when dsa0 is still enabled (a use-after-free that slub_debug shows in
+# idxd_device_drv_remove), whatever the device does.
 accel-config disable-wq dsa0/wq0.0 && accel-config disable-device dsa0
 echo "$PCI" > /sys/bus/pci/drivers/idxd/unbind
 check unbind $?
