@@ -256,12 +256,12 @@ class VdsaServer:
 
     def _dma_register(self, region: DmaRegion) -> None:
         self.dma_regions[region.iova] = region
-        log.info("dma.map", iova=region.iova, length=region.length,
+        log.debug("dma.map", iova=region.iova, length=region.length,
                  mapped=region.vaddr is not None)
 
     def _dma_unregister(self, region: DmaRegion) -> None:
         self.dma_regions.pop(region.iova, None)
-        log.info("dma.unmap", iova=region.iova, length=region.length)
+        log.debug("dma.unmap", iova=region.iova, length=region.length)
 
     def _reset(self, reset_type: ResetType) -> None:
         log.info("transport.reset", reason=reset_type.name.lower())
