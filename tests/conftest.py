@@ -1,4 +1,4 @@
-"""Shared fixtures: booting the real guest.
+"""Shared fixtures: booting the real guest, through the API or the `vdsa` CLI.
 
 Boot tests keep each boot's console log in the test's tmp_path; when a test
 fails, the report shows the log's path and its last lines.
@@ -6,7 +6,11 @@ fails, the report shows the log's path and its last lines.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +53,22 @@ def linux_src(pytestconfig: pytest.Config) -> Path:
     """Linux 6.1's idxd headers (registers.h, idxd.h, uapi idxd.h), from
     linux-source-6.1, which .ci/setup installs."""
     return extract_headers(pytestconfig.cache.mkdir("linux-6.1-idxd"))
+
+
+@dataclass(frozen=True)
+class CliBoot:
+    returncode: int
+    summary: dict[str, Any]
+    log_dir: Path
+
+    def context(self) -> str:
+        return f"(console log: {self.log_dir / 'console.log'})"
+
+
+def run_cli(*args: str, log_dir: Path) -> CliBoot:
+    done = subprocess.run(
+        [sys.executable, "-m", "vdsa_server", *args, "--json", "--log-dir", str(log_dir)],
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert done.stdout.strip(), f"no JSON from vdsa {args[0]}; stderr:\n{done.stderr}"
+    return CliBoot(done.returncode, json.loads(done.stdout), log_dir)

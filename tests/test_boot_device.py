@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.test_boot_platform import CliBoot, run_cli
+from tests.conftest import CliBoot, run_cli
 from vdsa_server.device.config import DeviceConfig
 from vdsa_server.device.descriptors import DsaOpcode
 from vdsa_server.paths import QEMU_CONFIGS

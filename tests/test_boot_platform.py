@@ -3,42 +3,18 @@ driver, and the vfio-user path through libvfio-user's own sample server."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import BootGuest
+from tests.conftest import BootGuest, CliBoot, run_cli
 from vdsa_server.platform.launcher import GuestBootTimeout, GuestPanic
 from vdsa_server.platform.sample_server import SAMPLE_FUNCTION, sample_server
 from vdsa_server.transport.socket_path import SocketPathTaken
 
 pytestmark = pytest.mark.boot
 
-
-
-@dataclass(frozen=True)
-class CliBoot:
-    returncode: int
-    summary: dict[str, Any]
-    log_dir: Path
-
-    def context(self) -> str:
-        return f"(console log: {self.log_dir / 'console.log'})"
-
-
-def run_cli(*args: str, log_dir: Path) -> CliBoot:
-    done = subprocess.run(
-        [sys.executable, "-m", "vdsa_server", *args, "--json", "--log-dir", str(log_dir)],
-        capture_output=True, text=True, timeout=900, check=False,
-    )
-    assert done.stdout.strip(), f"no JSON from vdsa {args[0]}; stderr:\n{done.stderr}"
-    return CliBoot(done.returncode, json.loads(done.stdout), log_dir)
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,14 @@ def _streamer(as_json: bool) -> Callable[[console.Event], None]:
     return stream
 
 
+def _log_dir(chosen: Path | None, prefix: str) -> Path:
+    """The user's --log-dir (created if needed), else a new temporary one."""
+    if chosen is None:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    chosen.mkdir(parents=True, exist_ok=True)
+    return chosen
+
+
 def _device_config(path: Path | None) -> DeviceConfig:
     from vdsa_server.device.config import DeviceConfig
 
@@ -161,8 +169,7 @@ async def _boot_with_server(spec: BootSpec, config: DeviceConfig,
 def _boot(args: argparse.Namespace) -> int:
     from vdsa_server.platform.launcher import DEFAULT_FIRMWARE_DIRS, BootSpec, boot
 
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vdsa-boot-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = _log_dir(args.log_dir, "vdsa-boot-")
     socket = args.socket or (log_dir / "vdsa.sock" if args.serve else None)
     files = {path.name: path.read_bytes() for path in args.file}
     spec = BootSpec(
@@ -185,8 +192,7 @@ def _demo(args: argparse.Namespace) -> int:
     from vdsa_server.platform.launcher import BootSpec
 
     scripts = QEMU_CONFIGS / "guest-scripts"
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vdsa-demo-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = _log_dir(args.log_dir, "vdsa-demo-")
     files = {name: (scripts / name).read_bytes()
              for name in ("platform-check.sh", "dsa-configure.sh")}
     spec = BootSpec(script=(scripts / "demo.sh").read_bytes(), files=files,

@@ -48,11 +48,6 @@ class QemuSource:
     version: str
 
 
-def _upstream_version(version: str) -> str:
-    """``1:10.2.2+ds-1`` -> ``10.2.2+ds`` (what dpkg names the files after)."""
-    return version.split(":", 1)[-1].rsplit("-", 1)[0]
-
-
 def build_tools_artifact() -> Artifact:
     return artifact("build-tools", {"requirements": " ".join(BUILD_TOOLS)})
 
@@ -115,8 +110,7 @@ async def ensure_qemu_source() -> QemuSource:
         with source.building() as scratch:
             await run_step("qemu-source.unpack", ["dpkg-source", "-x", dsc, scratch / "src"],
                            log_file=logs)
-    log.info("qemu.source.ready", version=QEMU_SOURCE_VERSION,
-             upstream=_upstream_version(QEMU_SOURCE_VERSION))
+    log.info("qemu.source.ready", version=QEMU_SOURCE_VERSION)
     return QemuSource(tree=source.path / "src", version=QEMU_SOURCE_VERSION)
 
 
