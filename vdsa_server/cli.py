@@ -39,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    build = sub.add_parser("build", help="build QEMU, libvfio-user and the guest into the cache")
-    build.add_argument("what", choices=("all", "qemu", "libvfio-user", "guest"), nargs="?",
+    build = sub.add_parser("build", help="build QEMU, libvfio-user, the descriptor engine and "
+                           "the guest into the cache")
+    build.add_argument("what", choices=("all", "qemu", "libvfio-user", "engine", "guest"),
+                       nargs="?",
                        default="all")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
 
@@ -82,12 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _build(what: str, force: bool) -> None:
+    from vdsa_server.platform.engine_build import build_engine
     from vdsa_server.platform.guest_image import build_guest
     from vdsa_server.platform.libvfio_user_build import build_libvfio_user
     from vdsa_server.platform.qemu_build import build_qemu
 
     if what in ("all", "libvfio-user"):
         await build_libvfio_user(force=force)
+    if what in ("all", "engine"):
+        await build_engine(force=force)
     if what in ("all", "qemu"):
         await build_qemu(force=force)
     if what in ("all", "guest"):

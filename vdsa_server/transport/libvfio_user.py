@@ -346,7 +346,7 @@ QuiesceFn = ctypes.CFUNCTYPE(c_int, c_void_p, use_errno=True)
 # Signature table, applied in one loop by load_library().
 
 
-def _check_status(result: int, func: Any, _args: tuple[Any, ...]) -> int:
+def check_status(result: int, func: Any, _args: tuple[Any, ...]) -> int:
     """int and ssize_t calls: negative means failure with errno set."""
     if result < 0:
         raise error_from_errno(ctypes.get_errno(), func.__name__)
@@ -380,48 +380,48 @@ _SIGNATURES: dict[str, tuple[Any, list[Any], _Errcheck | None]] = {
         _check_pointer,
     ),
     "vfu_destroy_ctx": (None, [_CTX], None),
-    "vfu_realize_ctx": (c_int, [_CTX], _check_status),
-    "vfu_attach_ctx": (c_int, [_CTX], _check_status),
-    "vfu_run_ctx": (c_int, [_CTX], _check_status),
-    "vfu_get_poll_fd": (c_int, [_CTX], _check_status),
+    "vfu_realize_ctx": (c_int, [_CTX], check_status),
+    "vfu_attach_ctx": (c_int, [_CTX], check_status),
+    "vfu_run_ctx": (c_int, [_CTX], check_status),
+    "vfu_get_poll_fd": (c_int, [_CTX], check_status),
     "vfu_get_private": (c_void_p, [_CTX], None),
-    "vfu_setup_log": (c_int, [_CTX, LogFn, c_int], _check_status),
-    "vfu_pci_init": (c_int, [_CTX, c_int, c_int, c_int], _check_status),
+    "vfu_setup_log": (c_int, [_CTX, LogFn, c_int], check_status),
+    "vfu_pci_init": (c_int, [_CTX, c_int, c_int, c_int], check_status),
     "vfu_pci_set_id": (None, [_CTX, c_uint16, c_uint16, c_uint16, c_uint16], None),
     "vfu_pci_set_class": (None, [_CTX, c_uint8, c_uint8, c_uint8], None),
     "vfu_pci_get_config_space": (c_void_p, [_CTX], _check_pointer),
     "vfu_pci_add_capability": (
         c_ssize_t,
         [_CTX, c_size_t, c_int, c_void_p],
-        _check_status,
+        check_status,
     ),
     # Returns 0 when not found, with errno set; Context.find_capability checks.
     "vfu_pci_find_capability": (c_size_t, [_CTX, c_bool, c_int], None),
     "vfu_setup_region": (
         c_int,
         [_CTX, c_int, c_size_t, RegionAccessFn, c_int, POINTER(Iovec), c_uint32, c_int, c_uint64],
-        _check_status,
+        check_status,
     ),
-    "vfu_setup_device_nr_irqs": (c_int, [_CTX, c_int, c_uint32], _check_status),
-    "vfu_setup_irq_state_callback": (c_int, [_CTX, c_int, IrqStateFn], _check_status),
-    "vfu_irq_trigger": (c_int, [_CTX, c_uint32], _check_status),
-    "vfu_setup_device_dma": (c_int, [_CTX, DmaFn, DmaFn], _check_status),
+    "vfu_setup_device_nr_irqs": (c_int, [_CTX, c_int, c_uint32], check_status),
+    "vfu_setup_irq_state_callback": (c_int, [_CTX, c_int, IrqStateFn], check_status),
+    "vfu_irq_trigger": (c_int, [_CTX, c_uint32], check_status),
+    "vfu_setup_device_dma": (c_int, [_CTX, DmaFn, DmaFn], check_status),
     "vfu_addr_to_sgl": (
         c_int,
         [_CTX, c_void_p, c_size_t, c_void_p, c_size_t, c_int],
         _check_sgl_count,
     ),
-    "vfu_sgl_read": (c_int, [_CTX, c_void_p, c_size_t, c_void_p], _check_status),
-    "vfu_sgl_write": (c_int, [_CTX, c_void_p, c_size_t, c_void_p], _check_status),
+    "vfu_sgl_read": (c_int, [_CTX, c_void_p, c_size_t, c_void_p], check_status),
+    "vfu_sgl_write": (c_int, [_CTX, c_void_p, c_size_t, c_void_p], check_status),
     "vfu_sgl_get": (
         c_int,
         [_CTX, c_void_p, POINTER(Iovec), c_size_t, c_int],
-        _check_status,
+        check_status,
     ),
     "vfu_sgl_put": (None, [_CTX, c_void_p, POINTER(Iovec), c_size_t], None),
-    "vfu_setup_device_reset_cb": (c_int, [_CTX, ResetFn], _check_status),
+    "vfu_setup_device_reset_cb": (c_int, [_CTX, ResetFn], check_status),
     "vfu_setup_device_quiesce_cb": (None, [_CTX, QuiesceFn], None),
-    "vfu_device_quiesced": (c_int, [_CTX, c_int], _check_status),
+    "vfu_device_quiesced": (c_int, [_CTX, c_int], check_status),
 }
 
 
@@ -648,6 +648,12 @@ class Context:
         """
         self._call(self._c.vfu_attach_ctx, self._ctx)
 
+    def attach_via(self, attach_ctx: Callable[[], int]) -> None:
+        """:meth:`attach`, through a C wrapper that calls ``vfu_attach_ctx`` on
+        this context (the descriptor engine's, which holds its interrupts back
+        meanwhile); ``attach_ctx`` raises like the binding's own calls."""
+        self._call(attach_ctx)
+
     def get_poll_fd(self) -> int:
         """``vfu_get_poll_fd``: the fd to wait on for readability.  It changes
         after a successful ``attach()`` and after ``run()`` raises
@@ -664,6 +670,16 @@ class Context:
         call until ``device_quiesced()``).  Other errnos are possible.
         """
         return int(self._call(self._c.vfu_run_ctx, self._ctx))
+
+    def run_via(self, run_ctx: Callable[[], int]) -> int:
+        """:meth:`run`, through a C wrapper that calls ``vfu_run_ctx`` on this
+        context (see :meth:`attach_via`)."""
+        return int(self._call(run_ctx))
+
+    @property
+    def pointer(self) -> int:
+        """The ``vfu_ctx_t *``, for native code that registers its own callbacks."""
+        return self._ctx
 
     # -- PCI configuration space -------------------------------------------
 

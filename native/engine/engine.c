@@ -1,0 +1,645 @@
+/* The engine: portals, WQ queues, worker threads, interrupts and software errors. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define PORTAL_PAGE 4096u
+#define PORTALS_PER_WQ 4u
+#define SLOTS_PER_PAGE (PORTAL_PAGE / DESC_SIZE)
+#define ERROR_QUEUE 64u
+#define MAX_ATTACHED 16
+
+struct partial {
+	uint8_t data[DESC_SIZE];
+	uint8_t filled;
+};
+
+struct wq {
+	bool enabled;
+	struct vdsa_wq_config config;
+	uint8_t (*ring)[DESC_SIZE]; /* config.size slots */
+	uint32_t head;
+	uint32_t count;
+	uint32_t inflight; /* taken by a worker or execute(), not yet done */
+	uint32_t drain_waiters; /* DRAIN descriptors among them, waiting */
+	atomic_bool abort;
+	struct vdsa_wq_counters counters;
+	struct partial partial[PORTALS_PER_WQ][SLOTS_PER_PAGE];
+};
+
+struct vdsa_engine {
+	struct vdsa_engine_config config;
+	struct dma_table dma;
+
+	pthread_mutex_t lock; /* WQs, counters, workers */
+	pthread_cond_t work; /* a WQ got a descriptor, or stop */
+	pthread_cond_t idle; /* a descriptor finished */
+	struct wq wqs[VDSA_MAX_WQS];
+	pthread_t workers[VDSA_MAX_ENGINES];
+	bool started[VDSA_MAX_ENGINES];
+	uint32_t next_wq[VDSA_MAX_ENGINES]; /* round-robin start among equal priorities */
+	bool stopping;
+
+	/* MSI-X. While libvfio-user runs (vfu_busy) it may replace eventfds, so interrupts
+	 * raised then are deferred and delivered when it returns. */
+	pthread_mutex_t irq_lock;
+	vfu_ctx_t *vfu;
+	bool vfu_busy;
+	bool masked[VDSA_MAX_MSIX];
+	bool pending[VDSA_MAX_MSIX]; /* raised while masked */
+	bool deferred[VDSA_MAX_MSIX]; /* raised while vfu_busy */
+	atomic_uint_fast64_t irq_counts[VDSA_MAX_MSIX];
+	atomic_bool granted[VDSA_MAX_MSIX];
+
+	pthread_mutex_t error_lock;
+	struct vdsa_swerr errors[ERROR_QUEUE];
+	uint32_t error_head;
+	uint32_t error_count;
+	int error_fd;
+};
+
+/* libvfio-user's region callback has no private pointer of ours: find the engine by ctx. */
+static pthread_mutex_t attached_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+	vfu_ctx_t *ctx;
+	struct vdsa_engine *engine;
+} attached[MAX_ATTACHED];
+
+struct vdsa_engine *vdsa_engine_create(const struct vdsa_engine_config *config)
+{
+	struct vdsa_engine *engine;
+
+	if (config->num_wqs == 0 || config->num_wqs > VDSA_MAX_WQS || config->num_msix == 0 ||
+	    config->num_msix > VDSA_MAX_MSIX)
+		return NULL;
+	engine = calloc(1, sizeof(*engine));
+	if (!engine)
+		return NULL;
+	engine->config = *config;
+	engine->error_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (engine->error_fd < 0 || dma_init(&engine->dma) != 0) {
+		if (engine->error_fd >= 0)
+			close(engine->error_fd);
+		free(engine);
+		return NULL;
+	}
+	pthread_mutex_init(&engine->lock, NULL);
+	pthread_cond_init(&engine->work, NULL);
+	pthread_cond_init(&engine->idle, NULL);
+	pthread_mutex_init(&engine->irq_lock, NULL);
+	pthread_mutex_init(&engine->error_lock, NULL);
+	return engine;
+}
+
+static void detach(struct vdsa_engine *engine)
+{
+	pthread_mutex_lock(&attached_lock);
+	for (int i = 0; i < MAX_ATTACHED; i++)
+		if (attached[i].engine == engine)
+			attached[i].ctx = NULL, attached[i].engine = NULL;
+	pthread_mutex_unlock(&attached_lock);
+}
+
+void vdsa_engine_destroy(struct vdsa_engine *engine)
+{
+	if (!engine)
+		return;
+	detach(engine);
+	pthread_mutex_lock(&engine->lock);
+	engine->stopping = true;
+	for (uint32_t w = 0; w < engine->config.num_wqs; w++)
+		atomic_store(&engine->wqs[w].abort, true);
+	pthread_cond_broadcast(&engine->work);
+	pthread_mutex_unlock(&engine->lock);
+	for (int e = 0; e < VDSA_MAX_ENGINES; e++)
+		if (engine->started[e])
+			pthread_join(engine->workers[e], NULL);
+	for (uint32_t w = 0; w < engine->config.num_wqs; w++)
+		free(engine->wqs[w].ring);
+	dma_destroy(&engine->dma);
+	close(engine->error_fd);
+	pthread_mutex_destroy(&engine->lock);
+	pthread_cond_destroy(&engine->work);
+	pthread_cond_destroy(&engine->idle);
+	pthread_mutex_destroy(&engine->irq_lock);
+	pthread_mutex_destroy(&engine->error_lock);
+	free(engine);
+}
+
+/* --- Services for ops.c ----------------------------------------------------------------- */
+
+struct dma_table *engine_dma(struct vdsa_engine *engine)
+{
+	return &engine->dma;
+}
+
+bool engine_opcode_supported(const struct vdsa_engine *engine, uint8_t opcode)
+{
+	return (engine->config.opcap[opcode / 64] >> (opcode % 64)) & 1;
+}
+
+bool engine_int_handle_valid(struct vdsa_engine *engine, uint16_t handle)
+{
+	if (handle >= engine->config.num_msix)
+		return false;
+	return !engine->config.interrupt_handles || atomic_load(&engine->granted[handle]);
+}
+
+void engine_report_error(struct vdsa_engine *engine, const struct vdsa_swerr *error)
+{
+	pthread_mutex_lock(&engine->error_lock);
+	/* A full queue keeps the oldest errors: SWERR shows the first and flags overflow. */
+	if (engine->error_count < ERROR_QUEUE) {
+		engine->errors[(engine->error_head + engine->error_count) % ERROR_QUEUE] = *error;
+		engine->error_count++;
+	}
+	pthread_mutex_unlock(&engine->error_lock);
+	eventfd_write(engine->error_fd, 1);
+}
+
+void engine_drain_wait(struct vdsa_engine *engine, uint32_t wq_index)
+{
+	struct wq *wq = &engine->wqs[wq_index];
+
+	pthread_mutex_lock(&engine->lock);
+	wq->drain_waiters++;
+	while (wq->inflight > wq->drain_waiters)
+		pthread_cond_wait(&engine->idle, &engine->lock);
+	wq->drain_waiters--;
+	pthread_cond_broadcast(&engine->idle);
+	pthread_mutex_unlock(&engine->lock);
+}
+
+void engine_count_completion(struct vdsa_engine *engine, uint32_t wq, bool error)
+{
+	pthread_mutex_lock(&engine->lock);
+	engine->wqs[wq].counters.completed++;
+	if (error)
+		engine->wqs[wq].counters.errors++;
+	pthread_mutex_unlock(&engine->lock);
+}
+
+/* --- Workers ---------------------------------------------------------------------------- */
+
+struct worker_start {
+	struct vdsa_engine *engine;
+	uint32_t index;
+};
+
+/* The next WQ engine `index` serves that has work: highest priority, round robin among
+ * equals. Caller holds the lock. */
+static struct wq *pick(struct vdsa_engine *engine, uint32_t index, uint32_t *wq_index)
+{
+	uint32_t n = engine->config.num_wqs, start = engine->next_wq[index];
+	struct wq *best = NULL;
+
+	for (uint32_t i = 0; i < n; i++) {
+		uint32_t w = (start + i) % n;
+		struct wq *wq = &engine->wqs[w];
+
+		if (!wq->enabled || !wq->count || !((wq->config.engines >> index) & 1))
+			continue;
+		if (!best || wq->config.priority > best->config.priority) {
+			best = wq;
+			*wq_index = w;
+		}
+	}
+	if (best)
+		engine->next_wq[index] = (*wq_index + 1) % n;
+	return best;
+}
+
+static void run_taken(struct vdsa_engine *engine, uint32_t w, const uint8_t *descriptor)
+{
+	struct wq *wq = &engine->wqs[w];
+	struct exec_context ctx = { engine, w, &wq->config, &wq->abort };
+
+	execute_descriptor(&ctx, descriptor);
+	pthread_mutex_lock(&engine->lock);
+	wq->inflight--;
+	pthread_cond_broadcast(&engine->idle);
+	pthread_mutex_unlock(&engine->lock);
+}
+
+static void *worker(void *arg)
+{
+	struct worker_start start = *(struct worker_start *)arg;
+	struct vdsa_engine *engine = start.engine;
+
+	free(arg);
+	pthread_mutex_lock(&engine->lock);
+	while (!engine->stopping) {
+		uint8_t descriptor[DESC_SIZE];
+		uint32_t w = 0;
+		struct wq *wq = pick(engine, start.index, &w);
+
+		if (!wq) {
+			pthread_cond_wait(&engine->work, &engine->lock);
+			continue;
+		}
+		memcpy(descriptor, wq->ring[wq->head], DESC_SIZE);
+		wq->head = (wq->head + 1) % wq->config.size;
+		wq->count--;
+		wq->inflight++;
+		pthread_mutex_unlock(&engine->lock);
+		run_taken(engine, w, descriptor);
+		pthread_mutex_lock(&engine->lock);
+	}
+	pthread_mutex_unlock(&engine->lock);
+	return NULL;
+}
+
+static int start_workers(struct vdsa_engine *engine, uint64_t engines)
+{
+	for (uint32_t e = 0; e < VDSA_MAX_ENGINES; e++) {
+		struct worker_start *start;
+		int rc;
+
+		if (!((engines >> e) & 1) || engine->started[e])
+			continue;
+		start = malloc(sizeof(*start));
+		if (!start)
+			return -ENOMEM;
+		*start = (struct worker_start){ engine, e };
+		rc = pthread_create(&engine->workers[e], NULL, worker, start);
+		if (rc != 0) {
+			free(start);
+			return -rc;
+		}
+		engine->started[e] = true;
+	}
+	return 0;
+}
+
+/* --- WQs -------------------------------------------------------------------------------- */
+
+int vdsa_engine_wq_enable(struct vdsa_engine *engine, uint32_t w,
+			  const struct vdsa_wq_config *config)
+{
+	struct wq *wq;
+	int rc;
+
+	if (w >= engine->config.num_wqs || config->size == 0 || config->engines == 0)
+		return -EINVAL;
+	wq = &engine->wqs[w];
+	pthread_mutex_lock(&engine->lock);
+	if (wq->enabled) {
+		rc = -EBUSY;
+		goto out;
+	}
+	free(wq->ring);
+	wq->ring = calloc(config->size, DESC_SIZE);
+	if (!wq->ring) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	wq->config = *config;
+	wq->head = wq->count = 0;
+	memset(wq->partial, 0, sizeof(wq->partial));
+	rc = start_workers(engine, config->engines);
+	wq->enabled = rc == 0;
+out:
+	pthread_mutex_unlock(&engine->lock);
+	return rc;
+}
+
+/* Caller holds the lock. */
+static void wait_idle(struct vdsa_engine *engine, struct wq *wq)
+{
+	while (wq->count || wq->inflight)
+		pthread_cond_wait(&engine->idle, &engine->lock);
+}
+
+static void drop_queued(struct vdsa_engine *engine, struct wq *wq)
+{
+	atomic_store(&wq->abort, true);
+	wq->count = 0;
+	while (wq->inflight)
+		pthread_cond_wait(&engine->idle, &engine->lock);
+	atomic_store(&wq->abort, false);
+}
+
+int vdsa_engine_wq_disable(struct vdsa_engine *engine, uint32_t w)
+{
+	if (w >= engine->config.num_wqs)
+		return -EINVAL;
+	pthread_mutex_lock(&engine->lock);
+	engine->wqs[w].enabled = false;
+	/* Workers skip disabled WQs: finish the queue here, in order. */
+	while (engine->wqs[w].count) {
+		struct wq *wq = &engine->wqs[w];
+		uint8_t descriptor[DESC_SIZE];
+
+		memcpy(descriptor, wq->ring[wq->head], DESC_SIZE);
+		wq->head = (wq->head + 1) % wq->config.size;
+		wq->count--;
+		wq->inflight++;
+		pthread_mutex_unlock(&engine->lock);
+		run_taken(engine, w, descriptor);
+		pthread_mutex_lock(&engine->lock);
+	}
+	wait_idle(engine, &engine->wqs[w]);
+	memset(engine->wqs[w].partial, 0, sizeof(engine->wqs[w].partial));
+	pthread_mutex_unlock(&engine->lock);
+	return 0;
+}
+
+int vdsa_engine_wq_drain(struct vdsa_engine *engine, uint32_t w)
+{
+	if (w >= engine->config.num_wqs)
+		return -EINVAL;
+	pthread_mutex_lock(&engine->lock);
+	wait_idle(engine, &engine->wqs[w]);
+	pthread_mutex_unlock(&engine->lock);
+	return 0;
+}
+
+int vdsa_engine_wq_abort(struct vdsa_engine *engine, uint32_t w)
+{
+	if (w >= engine->config.num_wqs)
+		return -EINVAL;
+	pthread_mutex_lock(&engine->lock);
+	drop_queued(engine, &engine->wqs[w]);
+	pthread_mutex_unlock(&engine->lock);
+	return 0;
+}
+
+void vdsa_engine_reset(struct vdsa_engine *engine)
+{
+	pthread_mutex_lock(&engine->lock);
+	for (uint32_t w = 0; w < engine->config.num_wqs; w++) {
+		engine->wqs[w].enabled = false;
+		drop_queued(engine, &engine->wqs[w]);
+		memset(engine->wqs[w].partial, 0, sizeof(engine->wqs[w].partial));
+	}
+	pthread_mutex_unlock(&engine->lock);
+	pthread_mutex_lock(&engine->irq_lock);
+	memset(engine->masked, 0, sizeof(engine->masked));
+	memset(engine->pending, 0, sizeof(engine->pending));
+	memset(engine->deferred, 0, sizeof(engine->deferred));
+	pthread_mutex_unlock(&engine->irq_lock);
+	for (uint32_t v = 0; v < VDSA_MAX_MSIX; v++)
+		atomic_store(&engine->granted[v], false);
+}
+
+int vdsa_engine_get_counters(struct vdsa_engine *engine, uint32_t w,
+			     struct vdsa_wq_counters *out)
+{
+	if (w >= engine->config.num_wqs)
+		return -EINVAL;
+	pthread_mutex_lock(&engine->lock);
+	*out = engine->wqs[w].counters;
+	pthread_mutex_unlock(&engine->lock);
+	return 0;
+}
+
+int vdsa_engine_execute(struct vdsa_engine *engine, uint32_t w, const void *descriptor)
+{
+	uint8_t copy[DESC_SIZE];
+
+	if (w >= engine->config.num_wqs)
+		return -EINVAL;
+	memcpy(copy, descriptor, DESC_SIZE);
+	pthread_mutex_lock(&engine->lock);
+	if (!engine->wqs[w].enabled) {
+		pthread_mutex_unlock(&engine->lock);
+		return -EINVAL;
+	}
+	engine->wqs[w].counters.submitted++;
+	engine->wqs[w].inflight++;
+	pthread_mutex_unlock(&engine->lock);
+	run_taken(engine, w, copy);
+	return 0;
+}
+
+/* --- Portals ---------------------------------------------------------------------------- */
+
+/* Caller holds the lock. */
+static void enqueue(struct vdsa_engine *engine, struct wq *wq, const uint8_t *descriptor)
+{
+	if (!wq->enabled) {
+		wq->counters.dropped_disabled++;
+		return;
+	}
+	if (wq->count == wq->config.size) {
+		wq->counters.dropped_full++;
+		return;
+	}
+	memcpy(wq->ring[(wq->head + wq->count) % wq->config.size], descriptor, DESC_SIZE);
+	wq->count++;
+	wq->counters.submitted++;
+	pthread_cond_signal(&engine->work);
+}
+
+int vdsa_engine_portal_write(struct vdsa_engine *engine, uint64_t offset, const void *data,
+			     uint32_t size)
+{
+	uint64_t w = offset / (PORTAL_PAGE * PORTALS_PER_WQ);
+	uint32_t page = (uint32_t)(offset / PORTAL_PAGE % PORTALS_PER_WQ);
+	uint32_t slot = (uint32_t)(offset % PORTAL_PAGE / DESC_SIZE);
+	uint32_t at = (uint32_t)(offset % DESC_SIZE);
+	struct partial *p;
+	struct wq *wq;
+
+	if (w >= engine->config.num_wqs || size == 0)
+		return -EINVAL;
+	wq = &engine->wqs[w];
+	p = &wq->partial[page][slot];
+	pthread_mutex_lock(&engine->lock);
+	if (at + size > DESC_SIZE || (at != 0 && p->filled != at)) {
+		/* Crosses a slot, or does not continue the descriptor being written. */
+		if (p->filled || at + size > DESC_SIZE || at != 0)
+			wq->counters.dropped_torn++;
+		p->filled = 0;
+	} else {
+		if (at == 0 && p->filled)
+			wq->counters.dropped_torn++;
+		memcpy(p->data + at, data, size);
+		p->filled = (uint8_t)(at + size);
+		if (p->filled == DESC_SIZE) {
+			p->filled = 0;
+			enqueue(engine, wq, p->data);
+		}
+	}
+	pthread_mutex_unlock(&engine->lock);
+	return 0;
+}
+
+static struct vdsa_engine *engine_of(vfu_ctx_t *ctx)
+{
+	struct vdsa_engine *engine = NULL;
+
+	pthread_mutex_lock(&attached_lock);
+	for (int i = 0; i < MAX_ATTACHED; i++)
+		if (attached[i].ctx == ctx)
+			engine = attached[i].engine;
+	pthread_mutex_unlock(&attached_lock);
+	return engine;
+}
+
+
+static ssize_t portal_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t offset,
+			     bool is_write)
+{
+	struct vdsa_engine *engine = engine_of(ctx);
+	const uint8_t *config = (const uint8_t *)vfu_pci_get_config_space(ctx);
+
+	if (!is_write) {
+		/* Portals are write-only; reads return all ones as DSA's do. */
+		memset(buf, 0xFF, count);
+		return (ssize_t)count;
+	}
+	/* With memory decode off the function does not claim the write. */
+	if (engine && (config[PCI_COMMAND] & PCI_COMMAND_MEMORY))
+		vdsa_engine_portal_write(engine, (uint64_t)offset, buf, (uint32_t)count);
+	return (ssize_t)count;
+}
+
+int vdsa_engine_attach_vfu(struct vdsa_engine *engine, vfu_ctx_t *ctx, uint32_t bar2_size)
+{
+	int slot = -1;
+
+	pthread_mutex_lock(&attached_lock);
+	for (int i = 0; i < MAX_ATTACHED && slot < 0; i++)
+		if (!attached[i].ctx)
+			slot = i;
+	if (slot >= 0) {
+		attached[slot].ctx = ctx;
+		attached[slot].engine = engine;
+	}
+	pthread_mutex_unlock(&attached_lock);
+	if (slot < 0)
+		return -ENOSPC;
+	pthread_mutex_lock(&engine->irq_lock);
+	engine->vfu = ctx;
+	pthread_mutex_unlock(&engine->irq_lock);
+	if (vfu_setup_region(ctx, VFU_PCI_DEV_BAR2_REGION_IDX, bar2_size, portal_access,
+			     VFU_REGION_FLAG_RW | VFU_REGION_FLAG_MEM, NULL, 0, -1, 0) < 0)
+		return -errno;
+	return 0;
+}
+
+/* --- Interrupts ------------------------------------------------------------------------- */
+
+static void deliver(struct vdsa_engine *engine, uint32_t vector)
+{
+	if (engine->masked[vector])
+		engine->pending[vector] = true;
+	else if (engine->vfu_busy)
+		engine->deferred[vector] = true;
+	else if (engine->vfu)
+		vfu_irq_trigger(engine->vfu, vector); /* ENOENT: the client wired no eventfd */
+}
+
+void vdsa_engine_irq_trigger(struct vdsa_engine *engine, uint32_t vector)
+{
+	if (vector >= engine->config.num_msix)
+		return;
+	atomic_fetch_add(&engine->irq_counts[vector], 1);
+	pthread_mutex_lock(&engine->irq_lock);
+	deliver(engine, vector);
+	pthread_mutex_unlock(&engine->irq_lock);
+}
+
+void vdsa_engine_irq_mask(struct vdsa_engine *engine, uint32_t start, uint32_t count,
+			  bool masked)
+{
+	pthread_mutex_lock(&engine->irq_lock);
+	for (uint32_t v = start; v < start + count && v < engine->config.num_msix; v++) {
+		engine->masked[v] = masked;
+		if (!masked && engine->pending[v]) {
+			engine->pending[v] = false;
+			deliver(engine, v);
+		}
+	}
+	pthread_mutex_unlock(&engine->irq_lock);
+}
+
+uint64_t vdsa_engine_irq_count(struct vdsa_engine *engine, uint32_t vector)
+{
+	return vector < engine->config.num_msix ? atomic_load(&engine->irq_counts[vector]) : 0;
+}
+
+int vdsa_engine_set_int_handle(struct vdsa_engine *engine, uint32_t handle, bool granted)
+{
+	if (handle >= engine->config.num_msix)
+		return -EINVAL;
+	atomic_store(&engine->granted[handle], granted);
+	return 0;
+}
+
+static void set_busy(struct vdsa_engine *engine, bool busy)
+{
+	pthread_mutex_lock(&engine->irq_lock);
+	engine->vfu_busy = busy;
+	if (!busy) {
+		for (uint32_t v = 0; v < engine->config.num_msix; v++) {
+			if (engine->deferred[v]) {
+				engine->deferred[v] = false;
+				deliver(engine, v);
+			}
+		}
+	}
+	pthread_mutex_unlock(&engine->irq_lock);
+}
+
+int vdsa_engine_vfu_attach(struct vdsa_engine *engine)
+{
+	int rc, saved;
+
+	set_busy(engine, true);
+	rc = vfu_attach_ctx(engine->vfu);
+	saved = errno;
+	set_busy(engine, false);
+	errno = saved;
+	return rc;
+}
+
+int vdsa_engine_vfu_run(struct vdsa_engine *engine)
+{
+	int rc, saved;
+
+	set_busy(engine, true);
+	rc = vfu_run_ctx(engine->vfu);
+	saved = errno;
+	set_busy(engine, false);
+	errno = saved;
+	return rc;
+}
+
+/* --- Memory and errors ------------------------------------------------------------------ */
+
+int vdsa_engine_dma_map(struct vdsa_engine *engine, uint64_t iova, uint64_t length,
+			void *vaddr, uint32_t prot)
+{
+	return dma_map(&engine->dma, iova, length, vaddr, prot);
+}
+
+int vdsa_engine_dma_unmap(struct vdsa_engine *engine, uint64_t iova, uint64_t length)
+{
+	return dma_unmap(&engine->dma, iova, length);
+}
+
+int vdsa_engine_error_fd(struct vdsa_engine *engine)
+{
+	return engine->error_fd;
+}
+
+int vdsa_engine_pop_error(struct vdsa_engine *engine, struct vdsa_swerr *out)
+{
+	int found = 0;
+
+	pthread_mutex_lock(&engine->error_lock);
+	if (engine->error_count) {
+		*out = engine->errors[engine->error_head];
+		engine->error_head = (engine->error_head + 1) % ERROR_QUEUE;
+		engine->error_count--;
+		found = 1;
+	}
+	pthread_mutex_unlock(&engine->error_lock);
+	return found;
+}

@@ -1,0 +1,90 @@
+/* Shared between the engine's translation units; not part of the API. */
+#ifndef VDSA_INTERNAL_H
+#define VDSA_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "vdsa_engine.h"
+
+#define DESC_SIZE 64
+#define COMPLETION_SIZE 32
+
+enum { PROT_READABLE = 1, PROT_WRITABLE = 2, PROT_MAPPED = 0 };
+
+/* --- dma.c: IOVA -> host translation ------------------------------------- */
+
+struct dma_region {
+	uint64_t iova;
+	uint64_t length;
+	uint8_t *vaddr;
+	uint32_t prot;
+};
+
+struct dma_table {
+	pthread_rwlock_t lock; /* read: a descriptor in progress; write: map/unmap */
+	struct dma_region *regions; /* sorted by iova, never overlapping */
+	size_t count;
+	size_t capacity;
+};
+
+int dma_init(struct dma_table *table);
+void dma_destroy(struct dma_table *table);
+int dma_map(struct dma_table *table, uint64_t iova, uint64_t length, void *vaddr,
+	    uint32_t prot);
+int dma_unmap(struct dma_table *table, uint64_t iova, uint64_t length);
+/* Bytes accessible with prot from iova on, up to length, in one host run; *host points at
+ * the first. 0: iova itself is not accessible. Caller holds the read lock. */
+uint64_t dma_span(const struct dma_table *table, uint64_t iova, uint64_t length, uint32_t prot,
+		  uint8_t **host);
+/* The same, for the run that ends just below end (descending walks). */
+uint64_t dma_span_back(const struct dma_table *table, uint64_t end, uint64_t length,
+		       uint32_t prot, uint8_t **host);
+/* Accessible prefix of [iova, iova + length), across regions. */
+uint64_t dma_accessible(const struct dma_table *table, uint64_t iova, uint64_t length,
+			uint32_t prot);
+/* Copy between guest and host; returns bytes moved (the accessible prefix). */
+uint64_t dma_read(const struct dma_table *table, uint64_t iova, void *out, uint64_t length);
+uint64_t dma_write(const struct dma_table *table, uint64_t iova, const void *in,
+		   uint64_t length);
+
+/* --- crc.c ---------------------------------------------------------------- */
+
+/* DSA CRC generation; flags are the descriptor's operation-specific bits 16-18. */
+#define CRC_FLAG_SEED_FROM_MEMORY (1u << 16)
+#define CRC_FLAG_BYPASS_INVERSION (1u << 17)
+#define CRC_FLAG_BYPASS_DATA_REFLECTION (1u << 18)
+/* CRC state carried across chunks: crc_begin(seed), crc_update()..., crc_end(). */
+uint32_t crc_begin(uint32_t seed, uint32_t flags);
+uint32_t crc_update(uint32_t state, const uint8_t *data, uint64_t length, uint32_t flags);
+uint32_t crc_end(uint32_t state, uint32_t flags);
+uint16_t crc16_t10(uint16_t seed, const uint8_t *data, uint64_t length);
+
+/* --- ops.c: one descriptor ------------------------------------------------ */
+
+struct vdsa_engine;
+
+struct exec_context {
+	struct vdsa_engine *engine;
+	uint32_t wq;
+	const struct vdsa_wq_config *wq_config;
+	const atomic_bool *abort; /* set: stop between batch entries */
+};
+
+/* Validates and executes one descriptor taken from a WQ, then completes it (record,
+ * interrupt, software error). Holds the DMA read lock itself. */
+void execute_descriptor(struct exec_context *ctx, const uint8_t *descriptor);
+
+/* --- engine.c services used by ops.c -------------------------------------- */
+
+struct dma_table *engine_dma(struct vdsa_engine *engine);
+bool engine_opcode_supported(const struct vdsa_engine *engine, uint8_t opcode);
+bool engine_int_handle_valid(struct vdsa_engine *engine, uint16_t handle);
+void engine_report_error(struct vdsa_engine *engine, const struct vdsa_swerr *error);
+/* A drain descriptor: wait until only the caller is in progress on wq. */
+void engine_drain_wait(struct vdsa_engine *engine, uint32_t wq);
+void engine_count_completion(struct vdsa_engine *engine, uint32_t wq, bool error);
+
+#endif

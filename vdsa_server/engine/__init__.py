@@ -1,0 +1,25 @@
+"""The descriptor engine layer: a binding to the native engine (``native/engine``)."""
+
+from vdsa_server.engine.native import (
+    ALL_OPCODES,
+    ENV_ENGINE,
+    Engine,
+    EngineError,
+    EngineLibrary,
+    SoftwareError,
+    WqCounters,
+    WqSettings,
+    load_engine,
+)
+
+__all__ = [
+    "ALL_OPCODES",
+    "ENV_ENGINE",
+    "Engine",
+    "EngineError",
+    "EngineLibrary",
+    "SoftwareError",
+    "WqCounters",
+    "WqSettings",
+    "load_engine",
+]
