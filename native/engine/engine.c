@@ -377,13 +377,17 @@ void vdsa_engine_reset(struct vdsa_engine *engine)
 		memset(engine->wqs[w].partial, 0, sizeof(engine->wqs[w].partial));
 	}
 	pthread_mutex_unlock(&engine->lock);
+	for (uint32_t v = 0; v < VDSA_MAX_MSIX; v++)
+		atomic_store(&engine->granted[v], false);
+}
+
+void vdsa_engine_irq_reset(struct vdsa_engine *engine)
+{
 	pthread_mutex_lock(&engine->irq_lock);
 	memset(engine->masked, 0, sizeof(engine->masked));
 	memset(engine->pending, 0, sizeof(engine->pending));
 	memset(engine->deferred, 0, sizeof(engine->deferred));
 	pthread_mutex_unlock(&engine->irq_lock);
-	for (uint32_t v = 0; v < VDSA_MAX_MSIX; v++)
-		atomic_store(&engine->granted[v], false);
 }
 
 int vdsa_engine_get_counters(struct vdsa_engine *engine, uint32_t w,

@@ -79,7 +79,7 @@ int vdsa_engine_wq_enable(struct vdsa_engine *engine, uint32_t wq,
 int vdsa_engine_wq_disable(struct vdsa_engine *engine, uint32_t wq);
 int vdsa_engine_wq_drain(struct vdsa_engine *engine, uint32_t wq);
 int vdsa_engine_wq_abort(struct vdsa_engine *engine, uint32_t wq);
-/* Every WQ disabled, queues dropped, interrupt state cleared, handles released. */
+/* Every WQ disabled, queues dropped, interrupt handles released. */
 void vdsa_engine_reset(struct vdsa_engine *engine);
 int vdsa_engine_get_counters(struct vdsa_engine *engine, uint32_t wq,
 			     struct vdsa_wq_counters *out);
@@ -93,6 +93,8 @@ int vdsa_engine_set_int_handle(struct vdsa_engine *engine, uint32_t handle, bool
 void vdsa_engine_irq_mask(struct vdsa_engine *engine, uint32_t start, uint32_t count,
 			  bool masked);
 void vdsa_engine_irq_trigger(struct vdsa_engine *engine, uint32_t vector);
+/* The client's MSI-X state is gone (reset, disconnect): unmasked, nothing pending. */
+void vdsa_engine_irq_reset(struct vdsa_engine *engine);
 /* Interrupts raised so far on a vector (delivered or not). */
 uint64_t vdsa_engine_irq_count(struct vdsa_engine *engine, uint32_t vector);
 

@@ -7,8 +7,10 @@ driver reads (GENSTS, CMDSTS, WQCFG.wq_state, ...) lives in the image and nowher
 
 Behaviour follows what Linux 6.1 ``drivers/dma/idxd`` relies on; where the driver is silent the
 comments say "DSA spec" (the Intel DSA architecture specification as recalled, not re-checked)
-or "guess". The model has no threads: a command completes inside the ``mmio_write`` that issues
-it, so CMDSTS is never seen active and GENSTS never shows DRAIN.
+or "guess". Descriptors never come here: BAR2 belongs to the native engine, which this model
+drives through :class:`WqEngine` (enable, disable, drain, abort, reset). A command completes
+inside the ``mmio_write`` that issues it, waiting for the engine where the command waits for
+descriptors (disable, drain), so CMDSTS is never seen active and GENSTS never shows DRAIN.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vdsa_server.device.config import ConfigMode, DeviceConfig
-from vdsa_server.device.descriptors import DsaHwDesc
 from vdsa_server.device.registers import (
     CMD_INT_HANDLE_IMS,
     DEVICE_VERSION_1,
@@ -59,7 +60,6 @@ from vdsa_server.device.registers import (
     IdxdDeviceResetType,
     IdxdDeviceStatusState,
     IdxdIntc,
-    IdxdPortal,
     IdxdWqMode,
     IdxdWqState,
     Layout,
@@ -70,10 +70,10 @@ from vdsa_server.device.registers import (
     TableLayout,
     WqCapReg,
     WqCfg,
-    decode_portal_offset,
     field_mask,
     wq_bar_size,
 )
+from vdsa_server.engine.native import SoftwareError, WqSettings
 from vdsa_server.log import get_logger
 
 # PCI MSI-X: 16-byte table entries, one pending bit per vector in 64-bit PBA words. QEMU
@@ -81,9 +81,6 @@ from vdsa_server.log import get_logger
 MSIX_ENTRY_SIZE = 16
 MSIX_PBA_WORD_BITS = 64
 MSIX_ALIGNMENT = 0x1000
-
-DESCRIPTOR_SIZE = ctypes.sizeof(DsaHwDesc)
-_FULL_DESCRIPTOR = (1 << DESCRIPTOR_SIZE) - 1
 
 # Operand encodings from device.c: WQ commands other than Enable WQ take a 16-bit WQ mask with
 # the index of the 16-WQ set above it; interrupt-handle commands take a 16-bit index or handle.
@@ -115,11 +112,26 @@ class InterruptSink(Protocol):
         """Raise MSI-X ``vector``: 0 for device events, n + 1 for WQ n."""
 
 
-class DescriptorSink(Protocol):
-    """Where complete descriptors go: the execution engine (later, native code)."""
+class WqEngine(Protocol):
+    """The descriptor engine, as the device's commands drive it."""
 
-    def submit(self, wq: int, portal: IdxdPortal, descriptor: bytes) -> None:
-        """Take one 64-byte descriptor written to an enabled WQ's portal."""
+    def enable_wq(self, wq: int, settings: WqSettings) -> None:
+        """Start taking descriptors for ``wq``."""
+
+    def disable_wq(self, wq: int) -> None:
+        """Stop taking descriptors; return when those taken are done."""
+
+    def drain_wq(self, wq: int) -> None:
+        """Return when every descriptor taken so far is done."""
+
+    def abort_wq(self, wq: int) -> None:
+        """Drop queued descriptors; return when those in progress have stopped."""
+
+    def reset(self) -> None:
+        """Every WQ disabled, queues dropped, interrupt handles released."""
+
+    def set_int_handle(self, handle: int, granted: bool) -> None:
+        """Grant or release an interrupt handle for descriptors."""
 
 
 class _Kind(enum.Enum):
@@ -273,11 +285,11 @@ class DsaDevice:
         self,
         config: DeviceConfig,
         irq: InterruptSink,
-        descriptors: DescriptorSink | None = None,
+        engine: WqEngine,
     ) -> None:
         self.config = config
         self._irq = irq
-        self._descriptors = descriptors
+        self._engine = engine
         self._log = get_logger()
         self.num_msix = config.num_msix
         self.layout = TableLayout(config.num_groups, config.num_wqs, self.num_msix)
@@ -319,13 +331,13 @@ class DsaDevice:
         self._commands: dict[int, Callable[[int], _Completion]] = {
             IdxdCmd.ENABLE_DEVICE: self._enable_device,
             IdxdCmd.DISABLE_DEVICE: self._disable_device,
-            IdxdCmd.DRAIN_ALL: self._drain_or_abort_all,
-            IdxdCmd.ABORT_ALL: self._drain_or_abort_all,
+            IdxdCmd.DRAIN_ALL: self._drain_all,
+            IdxdCmd.ABORT_ALL: self._abort_all,
             IdxdCmd.RESET_DEVICE: self._reset_device,
             IdxdCmd.ENABLE_WQ: self._enable_wq,
             IdxdCmd.DISABLE_WQ: self._disable_wq,
-            IdxdCmd.DRAIN_WQ: self._drain_or_abort_wq,
-            IdxdCmd.ABORT_WQ: self._drain_or_abort_wq,
+            IdxdCmd.DRAIN_WQ: self._drain_wq,
+            IdxdCmd.ABORT_WQ: self._abort_wq,
             IdxdCmd.RESET_WQ: self._reset_wq,
             IdxdCmd.DRAIN_PASID: self._drain_or_abort_pasid,
             IdxdCmd.ABORT_PASID: self._drain_or_abort_pasid,
@@ -333,8 +345,6 @@ class DsaDevice:
             IdxdCmd.RELEASE_INT_HANDLE: self._release_int_handle,
         }
         self._int_handles: set[int] = set()
-        # Descriptors being assembled from portal writes: (wq, portal, slot) -> (bytes, filled).
-        self._partial: dict[tuple[int, IdxdPortal, int], tuple[bytearray, int]] = {}
         self._power_on()
 
     # --- Public state ------------------------------------------------------------------------
@@ -405,30 +415,6 @@ class DsaDevice:
                 # QEMU owns the MSI-X table and PBA; a write here means the transport let one by.
                 self._log.warning("mmio.unexpected_msix_write", offset=start, size=len(chunk))
 
-    # --- BAR2 --------------------------------------------------------------------------------
-
-    def portal_write(self, offset: int, data: bytes) -> None:
-        """Take a write to a WQ portal in BAR2.
-
-        A MOVDIR64B reaches the server as several writes (eight of 8 bytes, in ascending order);
-        the bytes of each 64-byte slot are gathered until all 64 have arrived, then the
-        descriptor goes to the descriptor sink. A write at the start of a slot begins a new
-        descriptor. Writes to a WQ that is not enabled are dropped (DSA spec); the spec's SWERR
-        code for that case is not known here, so none is recorded.
-        """
-        if not data:
-            return
-        if offset < 0 or offset + len(data) > self.bar2_size:
-            self._log.warning("portal.guest_error.out_of_bounds_write", offset=offset,
-                              size=len(data))
-            return
-        position = offset
-        while position < offset + len(data):
-            slot_end = (position // DESCRIPTOR_SIZE + 1) * DESCRIPTOR_SIZE
-            stop = min(slot_end, offset + len(data))
-            self._portal_chunk(position, data[position - offset : stop - offset])
-            position = stop
-
     # --- Resets and errors -------------------------------------------------------------------
 
     def reset(self) -> None:
@@ -446,6 +432,7 @@ class DsaDevice:
         """
         notify = self._record_software_error(error) if error is not None else False
         for wq in range(self.config.num_wqs):
+            self._abort(wq)
             self._set_wq_state(wq, IdxdWqState.DISABLED, "halt")
         self._set_state(IdxdDeviceStatusState.HALT, "halt")
         self._gensts.reset_type = reset_type
@@ -457,6 +444,11 @@ class DsaDevice:
     def report_software_error(self, error: int, wq: int | None = None) -> None:
         """Log a software error in SWERR and raise it on vector 0 if GENCTRL asks for it."""
         if self._record_software_error(error, wq):
+            self._irq.trigger(0)
+
+    def report_engine_error(self, error: SoftwareError) -> None:
+        """A descriptor error the engine could not put in a completion record."""
+        if self._record_software_error(error.error, error.wq, error):
             self._irq.trigger(0)
 
     # --- Image and regions -------------------------------------------------------------------
@@ -512,7 +504,7 @@ class DsaDevice:
         for n in range(self.config.num_wqs):
             self._restore_wqcfg(n)
         self._int_handles.clear()
-        self._partial.clear()
+        self._engine.reset()
 
     def _wqcfg(self, wq: int) -> WqCfg:
         start = self.layout.wqcfg_entry_offset(wq)
@@ -675,9 +667,23 @@ class DsaDevice:
         self._set_state(IdxdDeviceStatusState.DISABLED, "disable device")
         return IdxdCmdstsErr.SUCCESS, 0
 
-    def _drain_or_abort_all(self, _operand: int) -> _Completion:
-        # Descriptors leave the model as they arrive, so there is nothing to wait for or drop.
+    def _enabled_wqs(self) -> list[int]:
+        return [wq for wq in range(self.config.num_wqs)
+                if self.wq_state(wq) is IdxdWqState.ENABLED]
+
+    def _drain_all(self, _operand: int) -> _Completion:
+        for wq in self._enabled_wqs():
+            self._engine.drain_wq(wq)
         return IdxdCmdstsErr.SUCCESS, 0
+
+    def _abort_all(self, _operand: int) -> _Completion:
+        for wq in self._enabled_wqs():
+            self._abort(wq)
+        return IdxdCmdstsErr.SUCCESS, 0
+
+    def _abort(self, wq: int) -> None:
+        if self.wq_state(wq) is IdxdWqState.ENABLED:
+            self._engine.abort_wq(wq)
 
     def _reset_device(self, _operand: int) -> _Completion:
         old = self.state
@@ -742,10 +748,22 @@ class DsaDevice:
             self._set_wq_state(wq, IdxdWqState.DISABLED, "disable WQ")
         return IdxdCmdstsErr.SUCCESS, 0
 
-    def _drain_or_abort_wq(self, operand: int) -> _Completion:
-        error = self._check_selected(self._selected_wqs(operand))
+    def _drain_wq(self, operand: int) -> _Completion:
+        wqs = self._selected_wqs(operand)
+        error = self._check_selected(wqs)
         if error is not None:
             return error, 0
+        for wq in wqs:
+            self._engine.drain_wq(wq)
+        return IdxdCmdstsErr.SUCCESS, 0
+
+    def _abort_wq(self, operand: int) -> _Completion:
+        wqs = self._selected_wqs(operand)
+        error = self._check_selected(wqs)
+        if error is not None:
+            return error, 0
+        for wq in wqs:
+            self._abort(wq)
         return IdxdCmdstsErr.SUCCESS, 0
 
     def _reset_wq(self, operand: int) -> _Completion:
@@ -756,6 +774,7 @@ class DsaDevice:
         for wq in wqs:
             # Reset WQ disables the WQ and returns its WQCFG to the power-on value: the driver
             # relies on it, ORing the WQCFG it reads back into its fresh copy (DSA spec).
+            self._abort(wq)
             self._set_wq_state(wq, IdxdWqState.DISABLED, "reset WQ")
             self._restore_wqcfg(wq)
         return IdxdCmdstsErr.SUCCESS, 0
@@ -769,6 +788,7 @@ class DsaDevice:
         if operand & CMD_INT_HANDLE_IMS or index >= self.num_msix:
             return IdxdCmdstsErr.ERR_INVAL_INT_IDX, 0  # no IMS (GENCAP.max_ims_mult is 0)
         self._int_handles.add(index)
+        self._engine.set_int_handle(index, True)
         return IdxdCmdstsErr.SUCCESS, index
 
     def _release_int_handle(self, operand: int) -> _Completion:
@@ -777,6 +797,7 @@ class DsaDevice:
             # Guess: 6.1's enum has no release-specific code; the index error is the closest.
             return IdxdCmdstsErr.ERR_INVAL_INT_IDX, 0
         self._int_handles.discard(handle)
+        self._engine.set_int_handle(handle, False)
         return IdxdCmdstsErr.SUCCESS, 0
 
     # --- State changes -----------------------------------------------------------------------
@@ -792,17 +813,26 @@ class DsaDevice:
         old = IdxdWqState(wqcfg.wq_state)
         if old is new:
             return
+        if new is IdxdWqState.ENABLED:
+            self._engine.enable_wq(wq, self._wq_settings(wq, wqcfg))
+        else:
+            self._engine.disable_wq(wq)
         wqcfg.wq_state = new
         start = self.layout.wqcfg_entry_offset(wq)
         self._bar0[start : start + self.layout.wqcfg_size] = bytes(wqcfg)[
             : self.layout.wqcfg_size
         ]
-        if new is IdxdWqState.DISABLED:
-            for key in [key for key in self._partial if key[0] == wq]:
-                del self._partial[key]
         self._log.info("wq.state", wq=wq, old=old.name, new=new.name, reason=reason)
 
-    def _record_software_error(self, error: int, wq: int | None = None) -> bool:
+    def _wq_settings(self, wq: int, wqcfg: WqCfg) -> WqSettings:
+        engines = next(grpcfg.engines for grpcfg in self._grpcfg
+                       if grpcfg.wqs[wq // 64] >> (wq % 64) & 1)
+        return WqSettings(size=wqcfg.wq_size, priority=wqcfg.priority, engines=engines,
+                          max_transfer_size=1 << wqcfg.max_xfer_shift,
+                          max_batch_size=1 << wqcfg.max_batch_shift)
+
+    def _record_software_error(self, error: int, wq: int | None = None,
+                               detail: SoftwareError | None = None) -> bool:
         """Fill SWERR (or flag its overflow); True if the caller should raise vector 0."""
         if self._swerr.valid:
             self._swerr.overflow = 1
@@ -814,36 +844,14 @@ class DsaDevice:
         if wq is not None:
             self._swerr.wq_idx_valid = 1
             self._swerr.wq_idx = wq
+        if detail is not None:
+            self._swerr.desc_valid = detail.desc_valid
+            self._swerr.batch = detail.batch
+            self._swerr.fault_rw = detail.fault_rw
+            self._swerr.operation = detail.operation
+            self._swerr.batch_idx = detail.batch_index
+            self._swerr.invalid_flags = detail.invalid_flags
+            self._swerr.fault_addr = detail.fault_addr
         self._intcause.value |= IdxdIntc.ERR
         self._log.warning("device.swerr", error=error, wq=wq)
         return bool(self._genctrl.softerr_int_en)
-
-    # --- Portals -----------------------------------------------------------------------------
-
-    def _portal_chunk(self, offset: int, chunk: bytes) -> None:
-        """One piece of a portal write that stays inside a 64-byte descriptor slot."""
-        wq, portal, inner = decode_portal_offset(offset)
-        slot, at = divmod(inner, DESCRIPTOR_SIZE)
-        if wq >= self.config.num_wqs:
-            self._log.warning("portal.guest_error.no_such_wq", offset=offset, wq=wq)
-            return
-        if self.wq_state(wq) is not IdxdWqState.ENABLED:
-            if at == 0:  # once per descriptor, not once per piece
-                self._log.warning("portal.guest_error.wq_disabled", wq=wq, portal=portal.name,
-                                  offset=offset)
-            return
-        key = (wq, portal, slot)
-        if at == 0 or key not in self._partial:
-            self._partial[key] = (bytearray(DESCRIPTOR_SIZE), 0)
-        buffer, filled = self._partial[key]
-        buffer[at : at + len(chunk)] = chunk
-        filled |= ((1 << len(chunk)) - 1) << at
-        if filled != _FULL_DESCRIPTOR:
-            self._partial[key] = (buffer, filled)
-            return
-        del self._partial[key]
-        if self._descriptors is None:
-            self._log.warning("desc.unhandled", wq=wq, portal=portal.name, slot=slot)
-            return
-        self._log.debug("desc.submitted", wq=wq, portal=portal.name, slot=slot)
-        self._descriptors.submit(wq, portal, bytes(buffer))

@@ -122,6 +122,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any], Callable[..., int] | None]] = {
     "vdsa_engine_set_int_handle": (c_int, [_ENGINE, c_uint32, c_bool], _check_errno),
     "vdsa_engine_irq_mask": (None, [_ENGINE, c_uint32, c_uint32, c_bool], None),
     "vdsa_engine_irq_trigger": (None, [_ENGINE, c_uint32], None),
+    "vdsa_engine_irq_reset": (None, [_ENGINE], None),
     "vdsa_engine_irq_count": (c_uint64, [_ENGINE, c_uint32], None),
     "vdsa_engine_error_fd": (c_int, [_ENGINE], None),
     "vdsa_engine_pop_error": (c_int, [_ENGINE, POINTER(_SwErr)], None),
@@ -295,8 +296,12 @@ class Engine:
     def irq_mask(self, start: int, count: int, masked: bool) -> None:
         self._c.vdsa_engine_irq_mask(self._e, start, count, masked)
 
-    def irq_trigger(self, vector: int) -> None:
+    def trigger(self, vector: int) -> None:
+        """Raise MSI-X ``vector`` (held while masked, dropped if the client wired none)."""
         self._c.vdsa_engine_irq_trigger(self._e, vector)
+
+    def irq_reset(self) -> None:
+        self._c.vdsa_engine_irq_reset(self._e)
 
     def irq_count(self, vector: int) -> int:
         return int(self._c.vdsa_engine_irq_count(self._e, vector))

@@ -19,13 +19,22 @@ stops half-way could stall the server forever.  Defences, each bounded by
   whose body never comes is answered with an error reply instead of blocking
   ``run``.  (AF_UNIX sockets
   do not inherit these from the listening socket, unlike TCP ones.)
+
+The descriptor path is native: the engine (:mod:`vdsa_server.engine`) registers
+BAR2 itself, executes descriptors on its own threads and triggers their
+interrupts; ``attach`` and ``run`` go through its wrappers so that interrupts it
+raises meanwhile wait until libvfio-user is done with the eventfds.  Python
+configures it from the device model, hands it DMA regions, forwards MSI-X masks,
+and turns the software errors it reports into SWERR.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
+from mmap import PROT_READ, PROT_WRITE
 from pathlib import Path
 
 import trio
@@ -46,6 +55,7 @@ from vdsa_server.device.pci import (
     BarSpec,
     MsixSpec,
 )
+from vdsa_server.engine import Engine
 from vdsa_server.log import get_logger
 from vdsa_server.transport.libvfio_user import (
     CapHdr,
@@ -75,46 +85,6 @@ HANDSHAKE_POLL = 0.01
 PCI_COMMAND_OFFSET = 0x04
 PCI_REVISION_ID_OFFSET = 0x08
 PCI_BASE_ADDRESS_0 = 0x10
-
-
-class IrqForwarder:
-    """The device model's InterruptSink: MSI-X vector -> ``vfu_irq_trigger``.
-
-    A vector the client masked (vfio-user SET_IRQS mask action) keeps its
-    interrupt pending and receives it when unmasked, as MSI-X's pending bit
-    does.  A vector the client has not wired up (no eventfd) is dropped."""
-
-    def __init__(self) -> None:
-        self.ctx: Context | None = None
-        self.masked: set[int] = set()
-        self.pending: set[int] = set()
-
-    def trigger(self, vector: int) -> None:
-        if vector in self.masked:
-            self.pending.add(vector)
-            log.debug("irq.pending", vector=vector)
-            return
-        if self.ctx is None:
-            return
-        try:
-            self.ctx.irq_trigger(vector)
-        except VfuError as exc:
-            log.debug("irq.dropped", vector=vector, errno=exc.errno)
-
-    def set_masked(self, start: int, count: int, masked: bool) -> None:
-        vectors = set(range(start, start + count))
-        log.info("irq.mask" if masked else "irq.unmask", start=start, count=count)
-        if masked:
-            self.masked |= vectors
-            return
-        self.masked -= vectors
-        for vector in sorted(self.pending & vectors):
-            self.pending.discard(vector)
-            self.trigger(vector)
-
-    def reset(self) -> None:
-        self.masked.clear()
-        self.pending.clear()
 
 
 def _set_peer_timeouts(connection_fd: int) -> None:
@@ -154,8 +124,9 @@ class VdsaServer:
         self.config = config
         self.once = once
         self._lib = lib
-        self._irq = IrqForwarder()
-        self.device = DsaDevice(config, self._irq)
+        self.engine = Engine(num_wqs=config.num_wqs, num_msix=config.num_msix,
+                             opcodes=config.opcodes, interrupt_handles=config.interrupt_handles)
+        self.device = DsaDevice(config, self.engine, self.engine)
         self.dma_regions: dict[int, DmaRegion] = {}
         self.connections = 0
 
@@ -165,19 +136,22 @@ class VdsaServer:
         lib = self._lib or load_library()
         try:
             with Context(lib, self.socket_path) as ctx:
-                self._irq.ctx = ctx
                 self._set_up(ctx)
                 ctx.realize()
                 log.info("server.listening", socket=str(self.socket_path),
                          wqs=self.config.num_wqs, mode=self.config.mode.value)
                 task_status.started()
-                while True:
-                    await self._accept(ctx)
-                    await self._serve_client(ctx)
-                    if self.once:
-                        return
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._report_software_errors)
+                    while True:
+                        await self._accept(ctx)
+                        await self._serve_client(ctx)
+                        if self.once:
+                            nursery.cancel_scope.cancel()
+                            return
         finally:
-            self._irq.ctx = None
+            # The context is gone: no callback can reach the engine any more.
+            self.engine.close()
             self.socket_path.unlink(missing_ok=True)
             log.info("server.stopped", socket=str(self.socket_path))
 
@@ -192,10 +166,10 @@ class VdsaServer:
 
         bars = (BarSpec(Bar.REGISTERS, device.bar0_size, prefetchable=False),
                 BarSpec(Bar.PORTALS, device.bar2_size, prefetchable=True))
-        accessors = {Bar.REGISTERS: self._bar0_access, Bar.PORTALS: self._bar2_access}
+        ctx.setup_region(RegionIndex(Bar.REGISTERS), device.bar0_size,
+                         RegionFlag.RW | RegionFlag.MEM, self._bar0_access)
+        self.engine.attach_vfu(ctx.pointer, device.bar2_size)
         for bar in bars:
-            ctx.setup_region(RegionIndex(bar.index), bar.size,
-                             RegionFlag.RW | RegionFlag.MEM, accessors[bar.index])
             offset = PCI_BASE_ADDRESS_0 + 4 * bar.index
             config[offset:offset + 4] = bar.type_bits.to_bytes(4, "little")
 
@@ -216,11 +190,12 @@ class VdsaServer:
         cap.mpba.pbao = msix.pba_offset >> 3
         ctx.add_capability(cap)
         ctx.set_irq_count(IrqType.MSIX, msix.vectors)
-        ctx.set_irq_state_callback(IrqType.MSIX, self._irq.set_masked)
+        ctx.set_irq_state_callback(IrqType.MSIX, self._irq_state)
 
         ctx.setup_dma(self._dma_register, self._dma_unregister)
         ctx.set_reset_callback(self._reset)
-        # Nothing runs in the background yet, so the device is quiescent at once.
+        # Quiescent at once: a DMA unmap waits inside the engine for descriptors in
+        # progress (its own fence), and a reset stops them before returning.
         ctx.set_quiesce_callback(lambda: True)
         self._ctx = ctx
 
@@ -236,15 +211,6 @@ class VdsaServer:
         else:
             buf[:] = self.device.mmio_read(offset, len(buf))
 
-    def _bar2_access(self, offset: int, buf: memoryview, is_write: bool) -> None:
-        if not self._memory_decode_enabled():
-            self._undecoded(Bar.PORTALS, offset, buf, is_write)
-        elif is_write:
-            self.device.portal_write(offset, bytes(buf))
-        else:
-            # Portals are write-only; reads return all ones as DSA's do.
-            buf[:] = b"\xff" * len(buf)
-
     @staticmethod
     def _undecoded(bar: Bar, offset: int, buf: memoryview, is_write: bool) -> None:
         """Memory decode is off (PCI_COMMAND.MEM clear): the function does not
@@ -254,19 +220,43 @@ class VdsaServer:
         if not is_write:
             buf[:] = b"\xff" * len(buf)
 
+    def _irq_state(self, start: int, count: int, masked: bool) -> None:
+        log.info("irq.mask" if masked else "irq.unmask", start=start, count=count)
+        self.engine.irq_mask(start, count, masked)
+
     def _dma_register(self, region: DmaRegion) -> None:
         self.dma_regions[region.iova] = region
         log.debug("dma.map", iova=region.iova, length=region.length,
-                 mapped=region.vaddr is not None)
+                  mapped=region.vaddr is not None)
+        # Without an fd (guest RAM not shared) there is nothing the engine can reach;
+        # descriptors touching the region then fault.
+        if region.vaddr is not None:
+            self.engine.dma_map_address(region.iova, region.length, region.vaddr,
+                                        readable=bool(region.prot & PROT_READ),
+                                        writable=bool(region.prot & PROT_WRITE))
 
     def _dma_unregister(self, region: DmaRegion) -> None:
-        self.dma_regions.pop(region.iova, None)
+        known = self.dma_regions.pop(region.iova, None)
         log.debug("dma.unmap", iova=region.iova, length=region.length)
+        if known is not None and known.vaddr is not None:
+            self.engine.dma_unmap(region.iova, region.length)
 
     def _reset(self, reset_type: ResetType) -> None:
         log.info("transport.reset", reason=reset_type.name.lower())
-        self._irq.reset()
+        self.engine.irq_reset()
         self.device.reset()
+
+    async def _report_software_errors(self) -> None:
+        """Descriptor errors with no completion record to go to become SWERR."""
+        fd = self.engine.error_fd
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            os.read(fd, 8)  # the eventfd's count; the queue is the record
+            for error in self.engine.pop_errors():
+                log.warning("desc.software_error", error=error.error, wq=error.wq,
+                            operation=error.operation, batch=error.batch,
+                            batch_index=error.batch_index, fault_addr=hex(error.fault_addr))
+                self.device.report_engine_error(error)
 
     async def _accept(self, ctx: Context) -> None:
         listen_fd = ctx.get_poll_fd()
@@ -314,7 +304,7 @@ class VdsaServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watchdog)
             try:
-                await trio.to_thread.run_sync(ctx.attach)
+                await trio.to_thread.run_sync(ctx.attach_via, self.engine.vfu_attach)
             except VfuError as exc:
                 failure = exc  # raised bare below, not wrapped in the nursery's group
             finally:
@@ -327,7 +317,7 @@ class VdsaServer:
         while True:
             await trio.lowlevel.wait_readable(fd)
             try:
-                while ctx.run() > 0:
+                while ctx.run_via(self.engine.vfu_run) > 0:
                     pass
             except VfuInterrupted:
                 continue
