@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from vdsa_server.device.config import ConfigMode, DeviceConfig, GroupPreset, WqPreset
 from vdsa_server.device.descriptors import DsaCompStatus, DsaOpcode
-from vdsa_server.device.dsa import DESCRIPTOR_SIZE, DsaDevice
+from vdsa_server.device.dsa import DsaDevice
 from vdsa_server.device.registers import (
     CMD_INT_HANDLE_IMS,
     DEVICE_VERSION_1,
@@ -57,7 +57,6 @@ from vdsa_server.device.registers import (
     IdxdDeviceResetType,
     IdxdDeviceStatusState,
     IdxdIntc,
-    IdxdPortal,
     IdxdWqMode,
     IdxdWqState,
     MsixPerm,
@@ -66,8 +65,8 @@ from vdsa_server.device.registers import (
     WqCapReg,
     WqCfg,
     field_mask,
-    wq_portal_offset,
 )
+from vdsa_server.engine import SoftwareError, WqSettings
 
 MiB = 1 << 20
 Log = MutableMapping[str, Any]
@@ -87,14 +86,33 @@ class RecordingIrq:
         return taken
 
 
-class RecordingDescriptors:
-    """A DescriptorSink that remembers what it was given."""
+class RecordingEngine:
+    """A WqEngine that remembers how the device drove it (the engine itself has its tests)."""
 
     def __init__(self) -> None:
-        self.submitted: list[tuple[int, IdxdPortal, bytes]] = []
+        self.calls: list[tuple[object, ...]] = []
 
-    def submit(self, wq: int, portal: IdxdPortal, descriptor: bytes) -> None:
-        self.submitted.append((wq, portal, descriptor))
+    def enable_wq(self, wq: int, settings: WqSettings) -> None:
+        self.calls.append(("enable", wq, settings))
+
+    def disable_wq(self, wq: int) -> None:
+        self.calls.append(("disable", wq))
+
+    def drain_wq(self, wq: int) -> None:
+        self.calls.append(("drain", wq))
+
+    def abort_wq(self, wq: int) -> None:
+        self.calls.append(("abort", wq))
+
+    def reset(self) -> None:
+        self.calls.append(("reset",))
+
+    def set_int_handle(self, handle: int, granted: bool) -> None:
+        self.calls.append(("int_handle", handle, granted))
+
+    def take(self) -> list[tuple[object, ...]]:
+        taken, self.calls = self.calls, []
+        return taken
 
 
 @dataclass
@@ -103,7 +121,7 @@ class Rig:
 
     device: DsaDevice
     irq: RecordingIrq = field(default_factory=RecordingIrq)
-    descriptors: RecordingDescriptors = field(default_factory=RecordingDescriptors)
+    engine: RecordingEngine = field(default_factory=RecordingEngine)
 
     def state(self) -> IdxdDeviceStatusState:
         """GENSTS.state (a call, so that mypy does not narrow it between commands)."""
@@ -175,9 +193,9 @@ class Rig:
 
 
 def make_rig(config: DeviceConfig | None = None) -> Rig:
-    irq, descriptors = RecordingIrq(), RecordingDescriptors()
-    device = DsaDevice(config or DeviceConfig(), irq, descriptors)
-    return Rig(device, irq, descriptors)
+    irq, engine = RecordingIrq(), RecordingEngine()
+    device = DsaDevice(config or DeviceConfig(), irq, engine)
+    return Rig(device, irq, engine)
 
 
 @pytest.fixture
@@ -785,84 +803,71 @@ def test_read_only_config_refuses_configuration_writes() -> None:
         "mmio.guest_error.readonly_bits"]
 
 
-# --- Portals ------------------------------------------------------------------------------------
+# --- The descriptor engine, as commands drive it ----------------------------------------------
 
 
-def descriptor(seed: int) -> bytes:
-    return bytes((seed + i) & 0xFF for i in range(DESCRIPTOR_SIZE))
+def test_enable_wq_hands_the_engine_the_wq_and_its_group(rig: Rig) -> None:
+    rig.good_wq(0, wq_size=24, priority=7, max_xfer_shift=16, max_batch_shift=4)
+    rig.set_group(0, wqs=(0,), engines=(1, 2))
+    rig.err(IdxdCmd.ENABLE_DEVICE)
+    rig.engine.take()
+    assert rig.err(IdxdCmd.ENABLE_WQ, 0) is IdxdCmdstsErr.SUCCESS
+    assert rig.engine.take() == [("enable", 0, WqSettings(
+        size=24, priority=7, engines=0b110, max_transfer_size=1 << 16, max_batch_size=16))]
 
 
-def movdir64b(rig: Rig, offset: int, data: bytes) -> None:
-    """A MOVDIR64B as a vfio-user server sees it: eight 8-byte writes, ascending."""
-    for i in range(0, DESCRIPTOR_SIZE, 8):
-        rig.device.portal_write(offset + i, data[i : i + 8])
+def test_a_refused_enable_wq_leaves_the_engine_alone(rig: Rig) -> None:
+    rig.enable_device_with_wq0()
+    rig.good_wq(1, priority=0)
+    rig.engine.take()
+    assert rig.err(IdxdCmd.ENABLE_WQ, 1) is IdxdCmdstsErr.ERR_GRP_CONFIG
+    assert rig.engine.take() == []
 
 
-def test_descriptor_to_an_enabled_wq_reaches_the_sink(rig: Rig) -> None:
+def test_wq_commands_reach_the_engine(rig: Rig) -> None:
     rig.enable_wq0()
-    portal = wq_portal_offset(0, IdxdPortal.LIMITED_MSIX)
-    movdir64b(rig, portal, descriptor(1))
-    movdir64b(rig, portal + DESCRIPTOR_SIZE, descriptor(2))
-    rig.device.portal_write(portal + IDXD_PORTAL_SIZE - DESCRIPTOR_SIZE, descriptor(3))
-    assert rig.descriptors.submitted == [
-        (0, IdxdPortal.LIMITED_MSIX, descriptor(1)),
-        (0, IdxdPortal.LIMITED_MSIX, descriptor(2)),
-        (0, IdxdPortal.LIMITED_MSIX, descriptor(3)),
-    ]
+    rig.engine.take()
+    for command in (IdxdCmd.DRAIN_WQ, IdxdCmd.ABORT_WQ, IdxdCmd.DRAIN_ALL, IdxdCmd.ABORT_ALL):
+        assert rig.err(command, wq_operand(0)) is IdxdCmdstsErr.SUCCESS
+    assert rig.engine.take() == [("drain", 0), ("abort", 0), ("drain", 0), ("abort", 0)]
+    # Reset WQ abandons what is queued, then disables.
+    assert rig.err(IdxdCmd.RESET_WQ, wq_operand(0)) is IdxdCmdstsErr.SUCCESS
+    assert rig.engine.take() == [("abort", 0), ("disable", 0)]
 
 
-def test_descriptor_pieces_gather_until_complete(rig: Rig) -> None:
+def test_disable_device_disables_enabled_wqs_only(rig: Rig) -> None:
     rig.enable_wq0()
-    portal = wq_portal_offset(0, IdxdPortal.UNLIMITED_MSIX)
-    data = descriptor(7)
-    rig.device.portal_write(portal, data[:8])
-    rig.device.portal_write(portal, data[:8])  # a restart at the slot start
-    rig.device.portal_write(portal + 32, data[32:])
-    assert rig.descriptors.submitted == []
-    rig.device.portal_write(portal + 8, data[8:32])
-    assert rig.descriptors.submitted == [(0, IdxdPortal.UNLIMITED_MSIX, data)]
+    rig.engine.take()
+    assert rig.err(IdxdCmd.DISABLE_DEVICE) is IdxdCmdstsErr.SUCCESS
+    assert rig.engine.take() == [("disable", 0)]
 
 
-def test_a_write_across_slots_splits(rig: Rig) -> None:
+def test_resets_reset_the_engine(rig: Rig) -> None:
     rig.enable_wq0()
-    portal = wq_portal_offset(0, IdxdPortal.LIMITED_MSIX)
-    rig.device.portal_write(portal, descriptor(1) + descriptor(2))
-    assert [d for _, _, d in rig.descriptors.submitted] == [descriptor(1), descriptor(2)]
+    rig.engine.take()
+    rig.err(IdxdCmd.RESET_DEVICE)
+    rig.device.reset()
+    assert rig.engine.take() == [("reset",), ("reset",)]
 
 
-def test_descriptor_to_a_disabled_wq_is_dropped(rig: Rig) -> None:
+def test_halt_aborts_and_disables_wqs(rig: Rig) -> None:
     rig.enable_wq0()
-    portal = wq_portal_offset(0, IdxdPortal.LIMITED_MSIX)
-    rig.device.portal_write(portal, descriptor(1)[:32])
-    rig.err(IdxdCmd.DISABLE_WQ, wq_operand(0))
-    with capture_logs() as logs:
-        movdir64b(rig, wq_portal_offset(1, IdxdPortal.LIMITED_MSIX), descriptor(2))
-    rig.err(IdxdCmd.ENABLE_WQ, 0)
-    rig.device.portal_write(portal + 32, descriptor(1)[32:])  # its first half went with the WQ
-    assert rig.descriptors.submitted == []
-    [entry] = events(logs, "portal.guest_error.wq_disabled")
-    assert (entry["wq"], entry["portal"]) == (1, "LIMITED_MSIX")
-    assert read_swerr(rig).valid == 0
+    rig.engine.take()
+    rig.device.halt(IdxdDeviceResetType.SOFTWARE)
+    assert rig.engine.take() == [("abort", 0), ("disable", 0)]
 
 
-def test_portal_writes_outside_wqs() -> None:
-    rig = make_rig(DeviceConfig(num_wqs=5))  # BAR2 rounds up to 8 WQs' portals
-    with capture_logs() as logs:
-        rig.device.portal_write(rig.device.bar2_size - 8, bytes(16))
-        rig.device.portal_write(-8, bytes(8))
-        rig.device.portal_write(wq_portal_offset(6, IdxdPortal.UNLIMITED_MSIX), bytes(8))
-        rig.device.portal_write(0, b"")
-    assert len(events(logs, "portal.guest_error.out_of_bounds_write")) == 2
-    assert len(events(logs, "portal.guest_error.no_such_wq")) == 1
-
-
-def test_descriptors_without_a_sink_are_dropped() -> None:
-    rig = make_rig()
-    rig.device = DsaDevice(DeviceConfig(), rig.irq)
-    rig.enable_wq0()
-    with capture_logs() as logs:
-        movdir64b(rig, wq_portal_offset(0, IdxdPortal.LIMITED_MSIX), descriptor(0))
-    assert events(logs, "desc.unhandled")
+def test_engine_errors_fill_swerr(rig: Rig) -> None:
+    rig.write(IDXD_GENCTRL_OFFSET, 0b01)  # softerr_int_en
+    rig.device.report_engine_error(SoftwareError(
+        error=0x1A, operation=3, wq=2, fault_rw=1, batch=1, desc_valid=1, batch_index=5,
+        invalid_flags=0, fault_addr=0x1234_5000))
+    swerr = read_swerr(rig)
+    assert (swerr.valid, swerr.error, swerr.operation, swerr.wq_idx_valid, swerr.wq_idx) == (
+        1, 0x1A, 3, 1, 2)
+    assert (swerr.batch, swerr.batch_idx, swerr.fault_rw, swerr.fault_addr) == (
+        1, 5, 1, 0x1234_5000)
+    assert rig.irq.take() == [0]
 
 
 # --- The stock Linux 6.1 driver, replayed -------------------------------------------------------
@@ -1180,9 +1185,8 @@ def test_stock_driver_configurable_flow(interrupt_handles: bool) -> None:
     driver.wqs[0] = kernel_wq(group=0, size=8, priority=3)
     driver.enable_wq(0)
     assert (rig.device.wq_config(0).wq_size, rig.device.wq_config(0).priority) == (8, 3)
-    # Descriptors flow through the limited portal the driver maps (idxd_wq_map_portal).
-    movdir64b(rig, wq_portal_offset(0, IdxdPortal.LIMITED_MSIX), descriptor(9))
-    assert rig.descriptors.submitted == [(0, IdxdPortal.LIMITED_MSIX, descriptor(9))]
+    assert [c for c in rig.engine.calls if c[0] == "enable"][-1] == ("enable", 0, WqSettings(
+        size=8, priority=3, engines=1, max_transfer_size=2 << 20, max_batch_size=32))
     # accel-config disable-device, then a fresh configuration.
     driver.disable_device()
     assert rig.state() is IdxdDeviceStatusState.DISABLED
@@ -1277,7 +1281,6 @@ def test_any_access_at_any_offset_never_raises(config: DeviceConfig) -> None:
                 command = IdxdCommandReg(bits=rng.getrandbits(32))
                 command.cmd = rng.choice(list(IdxdCmd))
                 device.mmio_write(IDXD_CMD_OFFSET, command.bits.to_bytes(4, "little"))
-            device.portal_write(rng.randrange(-16, device.bar2_size + 16), rng.randbytes(size))
         device.halt(IdxdDeviceResetType.SOFTWARE, error=0xFF)
         for size in sizes:
             device.mmio_write(IDXD_CMD_OFFSET, rng.randbytes(size))

@@ -1031,13 +1031,6 @@ def wq_portal_offset(wq: int, portal: IdxdPortal) -> int:
     return (wq * IDXD_PORTALS_PER_WQ + portal) * IDXD_PORTAL_SIZE
 
 
-def decode_portal_offset(offset: int) -> tuple[int, IdxdPortal, int]:
-    """``(wq, portal, offset inside the page)`` for a BAR2 offset; the caller bounds ``wq``."""
-    page, inner = divmod(offset, IDXD_PORTAL_SIZE)
-    wq, portal = divmod(page, IDXD_PORTALS_PER_WQ)
-    return wq, IdxdPortal(portal), inner
-
-
 def wq_bar_size(num_wqs: int) -> int:
     """BAR2 size for ``num_wqs`` WQs: every portal page, rounded up to a power of two."""
     return _pow2_at_least(num_wqs * IDXD_PORTALS_PER_WQ * IDXD_PORTAL_SIZE)
