@@ -2,11 +2,18 @@
 
 Boot tests keep each boot's console log in the test's tmp_path; when a test
 fails, the report shows the log's path and its last lines.
+
+The whole session runs with the sanitized (ASan + UBSan) native engine: at
+configure time this module builds it (cached) and re-executes pytest with the
+sanitizer runtimes preloaded and ``$VDSA_ENGINE`` pointing at it, so the
+in-process engine, the `vdsa` servers the tests start and the guest boots all
+use it.  A sanitizer finding aborts the process that made it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Generator
@@ -21,6 +28,31 @@ from vdsa_server.platform.launcher import BootSpec, GuestRun, boot
 
 BootGuest = Callable[..., Awaitable[GuestRun]]
 CONSOLE_TAIL = 60
+SANITIZED_SESSION = "VDSA_SANITIZED_SESSION"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get(SANITIZED_SESSION) == "1":
+        return
+    import trio
+
+    from vdsa_server.engine import ENV_ENGINE
+    from vdsa_server.platform.engine_build import Variant, build_engine, sanitizer_preload
+
+    engine = trio.run(build_engine)
+    os.environ.update({
+        SANITIZED_SESSION: "1",
+        ENV_ENGINE: str(engine.path / Variant.SANITIZED.filename),
+        "LD_PRELOAD": sanitizer_preload(),
+        # Python itself leaks by design at exit; the engine's leaks are not tracked.
+        "ASAN_OPTIONS": "detect_leaks=0",
+        "UBSAN_OPTIONS": "print_stacktrace=1",
+    })
+    # Give the real stdout/stderr back before the new process inherits them.
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.stop_global_capturing()
+    os.execv(sys.executable, sys.orig_argv)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -455,8 +455,9 @@ int vdsa_engine_portal_write(struct vdsa_engine *engine, uint64_t offset, const 
 	p = &wq->partial[page][slot];
 	pthread_mutex_lock(&engine->lock);
 	if (at + size > DESC_SIZE || (at != 0 && p->filled != at)) {
-		/* Crosses a slot, or does not continue the descriptor being written. */
-		if (p->filled || at + size > DESC_SIZE || at != 0)
+		/* Crosses a slot, or does not continue the descriptor being written; a piece
+		 * with no descriptor begun (the rest of one already dropped) is not counted. */
+		if (p->filled || at + size > DESC_SIZE)
 			wq->counters.dropped_torn++;
 		p->filled = 0;
 	} else {
