@@ -29,10 +29,14 @@ from vdsa_server.platform.launcher import BootSpec, GuestRun, boot
 BootGuest = Callable[..., Awaitable[GuestRun]]
 CONSOLE_TAIL = 60
 SANITIZED_SESSION = "VDSA_SANITIZED_SESSION"
+SANITIZER_PRELOAD = "VDSA_SANITIZER_PRELOAD"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get(SANITIZED_SESSION) == "1":
+        # The runtimes are in this process now; other programs the tests run (ldd, cc,
+        # QEMU) get them only through vdsa_env().
+        os.environ[SANITIZER_PRELOAD] = os.environ.pop("LD_PRELOAD", "")
         return
     import trio
 
@@ -97,10 +101,16 @@ class CliBoot:
         return f"(console log: {self.log_dir / 'console.log'})"
 
 
+def vdsa_env() -> dict[str, str]:
+    """The environment for a `vdsa` process: it loads the sanitized engine, so it needs
+    the sanitizer runtimes preloaded."""
+    return {**os.environ, "LD_PRELOAD": os.environ.get(SANITIZER_PRELOAD, "")}
+
+
 def run_cli(*args: str, log_dir: Path) -> CliBoot:
     done = subprocess.run(
         [sys.executable, "-m", "vdsa_server", *args, "--json", "--log-dir", str(log_dir)],
-        capture_output=True, text=True, timeout=900, check=False,
+        capture_output=True, text=True, timeout=900, check=False, env=vdsa_env(),
     )
     assert done.stdout.strip(), f"no JSON from vdsa {args[0]}; stderr:\n{done.stderr}"
     return CliBoot(done.returncode, json.loads(done.stdout), log_dir)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.conftest import vdsa_env
 from vdsa_server.client import ConnectionClosed, GuestMemory, VfioUserClient, VfioUserError
 from vdsa_server.client.protocol import Command, IrqSetFlag
 from vdsa_server.device import registers as r
@@ -269,7 +270,8 @@ async def test_taken_socket_is_refused(tmp_path: Path) -> None:
 def test_serve_command_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     sock = tmp_path / "dsa.sock"
     proc = subprocess.Popen([sys.executable, "-m", "vdsa_server", "--log-format", "json", "serve",
-                             "--socket", str(sock)], stderr=subprocess.PIPE, text=True)
+                             "--socket", str(sock)], stderr=subprocess.PIPE, text=True,
+                            env=vdsa_env())
     try:
         for _ in range(200):
             if sock.exists():
@@ -294,6 +296,7 @@ def test_serve_command_names_a_bad_config_field(tmp_path: Path) -> None:
     config.write_text("num_wqs = 0\n")
     done = subprocess.run([sys.executable, "-m", "vdsa_server", "serve", "--socket",
                            str(tmp_path / "x.sock"), "--config", str(config)],
-                          capture_output=True, text=True, timeout=60, check=False)
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env=vdsa_env())
     assert done.returncode == 125
     assert "num_wqs" in done.stderr
