@@ -191,21 +191,27 @@ def _boot(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """vdsa's own server, and a guest that checks the platform and then
-    configures and enables the virtual DSA with the stock driver."""
+    """vdsa's own server, and a guest that checks the platform, configures and
+    enables the virtual DSA with the stock driver, and runs dmatest on it."""
     from vdsa_server.paths import QEMU_CONFIGS
     from vdsa_server.platform.launcher import BootSpec
 
     scripts = QEMU_CONFIGS / "guest-scripts"
     log_dir = _log_dir(args.log_dir, "vdsa-demo-")
     files = {name: (scripts / name).read_bytes()
-             for name in ("platform-check.sh", "dsa-configure.sh")}
+             for name in ("platform-check.sh", "dsa-configure.sh", "dmatest.sh")}
     spec = BootSpec(script=(scripts / "demo.sh").read_bytes(), files=files,
                     socket=log_dir / "vdsa.sock", log_dir=log_dir, timeout=args.timeout)
     run = trio.run(_boot_with_server, spec, _device_config(args.config), _streamer(args.json))
     _print_run(run, args.json)
     states = run.results.get("states.enabled", "missing")
     print(f"virtual DSA in the guest: device and wq0.0 {states}", file=sys.stderr)
+    for name in ("run1", "run2"):
+        tests = run.results.get(f"dmatest.{name}.tests", "missing")
+        failures = run.results.get(f"dmatest.{name}.failures", "missing")
+        kbps = run.results.get(f"dmatest.{name}.kbps", "missing")
+        print(f"dmatest {name} on the idxd channel: {tests} copies verified, "
+              f"{failures} failures, {kbps} KB/s", file=sys.stderr)
     return run.exit_status
 
 
