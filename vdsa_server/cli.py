@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exit when the first client disconnects")
 
     demo = sub.add_parser("demo", help="the main job: serve a virtual DSA, boot a guest that "
-                          "checks the platform and configures the DSA with the stock driver")
+                          "checks the platform, configures the DSA with the stock driver and "
+                          "runs dmatest on it")
     demo.add_argument("--config", type=Path, help="device configuration (TOML)")
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole boot")
     demo.add_argument("--log-dir", type=Path, help="where the logs and the socket go")
