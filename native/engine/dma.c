@@ -142,8 +142,10 @@ uint64_t dma_span_back(const struct dma_table *table, uint64_t end, uint64_t len
 	return available;
 }
 
-uint64_t dma_accessible(const struct dma_table *table, uint64_t iova, uint64_t length,
-			uint32_t prot)
+/* The accessible prefix of [iova, iova + length), copied out to or in from a host buffer
+ * when one is given. */
+static uint64_t walk(const struct dma_table *table, uint64_t iova, uint64_t length,
+		     uint32_t prot, uint8_t *out, const uint8_t *in)
 {
 	uint64_t done = 0;
 	uint8_t *host;
@@ -153,40 +155,28 @@ uint64_t dma_accessible(const struct dma_table *table, uint64_t iova, uint64_t l
 
 		if (span == 0)
 			break;
+		if (out)
+			memcpy(out + done, host, span);
+		if (in)
+			memcpy(host, in + done, span);
 		done += span;
 	}
 	return done;
 }
 
+uint64_t dma_accessible(const struct dma_table *table, uint64_t iova, uint64_t length,
+			uint32_t prot)
+{
+	return walk(table, iova, length, prot, NULL, NULL);
+}
+
 uint64_t dma_read(const struct dma_table *table, uint64_t iova, void *out, uint64_t length)
 {
-	uint64_t done = 0;
-	uint8_t *host;
-
-	while (done < length) {
-		uint64_t span = dma_span(table, iova + done, length - done, PROT_READABLE, &host);
-
-		if (span == 0)
-			break;
-		memcpy((uint8_t *)out + done, host, span);
-		done += span;
-	}
-	return done;
+	return walk(table, iova, length, PROT_READABLE, out, NULL);
 }
 
 uint64_t dma_write(const struct dma_table *table, uint64_t iova, const void *in,
 		   uint64_t length)
 {
-	uint64_t done = 0;
-	uint8_t *host;
-
-	while (done < length) {
-		uint64_t span = dma_span(table, iova + done, length - done, PROT_WRITABLE, &host);
-
-		if (span == 0)
-			break;
-		memcpy(host, (const uint8_t *)in + done, span);
-		done += span;
-	}
-	return done;
+	return walk(table, iova, length, PROT_WRITABLE, NULL, in);
 }

@@ -348,24 +348,25 @@ int vdsa_engine_wq_disable(struct vdsa_engine *engine, uint32_t w)
 	return 0;
 }
 
-int vdsa_engine_wq_drain(struct vdsa_engine *engine, uint32_t w)
+static int wq_locked(struct vdsa_engine *engine, uint32_t w,
+		     void (*action)(struct vdsa_engine *, struct wq *))
 {
 	if (w >= engine->config.num_wqs)
 		return -EINVAL;
 	pthread_mutex_lock(&engine->lock);
-	wait_idle(engine, &engine->wqs[w]);
+	action(engine, &engine->wqs[w]);
 	pthread_mutex_unlock(&engine->lock);
 	return 0;
 }
 
+int vdsa_engine_wq_drain(struct vdsa_engine *engine, uint32_t w)
+{
+	return wq_locked(engine, w, wait_idle);
+}
+
 int vdsa_engine_wq_abort(struct vdsa_engine *engine, uint32_t w)
 {
-	if (w >= engine->config.num_wqs)
-		return -EINVAL;
-	pthread_mutex_lock(&engine->lock);
-	drop_queued(engine, &engine->wqs[w]);
-	pthread_mutex_unlock(&engine->lock);
-	return 0;
+	return wq_locked(engine, w, drop_queued);
 }
 
 void vdsa_engine_reset(struct vdsa_engine *engine)

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from vdsa_server.device.descriptors import DsaOpcode
-from vdsa_server.transport.libvfio_user import check_status
+from vdsa_server.transport.libvfio_user import check_status, declare_signatures
 
 ENV_ENGINE = "VDSA_ENGINE"
 ALL_OPCODES: frozenset[int] = frozenset(int(op) for op in DsaOpcode)
@@ -152,12 +152,7 @@ def load_engine(path: Path | None = None) -> EngineLibrary:
             errno.ENOENT, f"descriptor engine not found at {path}: run `vdsa build engine` "
             f"or set {ENV_ENGINE}")
     cdll = ctypes.CDLL(str(path), use_errno=True)
-    for name, (restype, argtypes, errcheck) in _SIGNATURES.items():
-        fn = getattr(cdll, name)
-        fn.restype = restype
-        fn.argtypes = argtypes
-        if errcheck is not None:
-            fn.errcheck = errcheck
+    declare_signatures(cdll, _SIGNATURES)
     return EngineLibrary(path=path, cdll=cdll)
 
 

@@ -448,6 +448,18 @@ def _default_library_path() -> tuple[Path, str]:
     return libvfio_user_artifact().path / "lib" / "libvfio-user.so.0", "the build cache"
 
 
+def declare_signatures(
+    cdll: ctypes.CDLL, signatures: dict[str, tuple[Any, list[Any], Callable[..., int] | None]]
+) -> None:
+    """Set each function's restype, argtypes and errcheck from ``signatures``."""
+    for name, (restype, argtypes, errcheck) in signatures.items():
+        fn = getattr(cdll, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+        if errcheck is not None:
+            fn.errcheck = errcheck
+
+
 def load_library(path: Path | None = None) -> LibVfioUser:
     """Load libvfio-user from ``path``, else ``$VDSA_LIBVFIO_USER``, else the
     build cache; declare every signature.  Fails here, not at first use."""
@@ -469,12 +481,7 @@ def load_library(path: Path | None = None) -> LibVfioUser:
             f"{path} is not the libvfio-user this binding expects; missing symbols: "
             + ", ".join(missing)
         )
-    for name, (restype, argtypes, errcheck) in _SIGNATURES.items():
-        fn = getattr(cdll, name)
-        fn.restype = restype
-        fn.argtypes = argtypes
-        if errcheck is not None:
-            fn.errcheck = errcheck
+    declare_signatures(cdll, _SIGNATURES)
     return LibVfioUser(path=path, cdll=cdll, sg_size=int(cdll.dma_sg_size()))
 
 
