@@ -437,7 +437,8 @@ static void enqueue(struct vdsa_engine *engine, struct wq *wq, const uint8_t *de
 	memcpy(wq->ring[(wq->head + wq->count) % wq->config.size], descriptor, DESC_SIZE);
 	wq->count++;
 	wq->counters.submitted++;
-	pthread_cond_signal(&engine->work);
+	/* Workers serve only their group's WQs: wake them all so the right one sees it. */
+	pthread_cond_broadcast(&engine->work);
 }
 
 int vdsa_engine_portal_write(struct vdsa_engine *engine, uint64_t offset, const void *data,

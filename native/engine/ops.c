@@ -177,7 +177,6 @@ static uint32_t op_memmove(struct job *job)
 			done += chunk;
 		}
 	}
-	job->out->bytes_completed = (uint32_t)done;
 	return ST_SUCCESS;
 }
 
@@ -212,7 +211,6 @@ static uint32_t op_memfill(struct job *job)
 		}
 		done += ds;
 	}
-	job->out->bytes_completed = (uint32_t)done;
 	return ST_SUCCESS;
 }
 
@@ -285,12 +283,13 @@ static uint32_t op_cr_delta(struct job *job)
 
 		if (chunk == 0) {
 			put32(job->out->specific, record);
+			job->out->result = record ? 1 : 0;
 			return s1 < 8 ? fault(job, src1 + done + s1, done, false)
 				      : fault(job, src2 + done + s2, done, false);
 		}
 		for (uint64_t at = 0; at < chunk; at += 8) {
 			uint8_t entry[DELTA_ENTRY];
-			uint64_t written;
+			uint64_t writable;
 
 			if (le64(h1 + at) == le64(h2 + at))
 				continue;
@@ -301,11 +300,15 @@ static uint32_t op_cr_delta(struct job *job)
 			}
 			put16(entry, (uint16_t)((done + at) / 8));
 			memcpy(entry + 2, h2 + at, 8);
-			written = dma_write(job->dma, delta + record, entry, DELTA_ENTRY);
-			if (written < DELTA_ENTRY) {
+			/* An entry is written whole or not at all. */
+			writable = dma_accessible(job->dma, delta + record, DELTA_ENTRY,
+						  PROT_WRITABLE);
+			if (writable < DELTA_ENTRY) {
 				put32(job->out->specific, record);
-				return fault(job, delta + record + written, done + at, true);
+				job->out->result = record ? 1 : 0;
+				return fault(job, delta + record + writable, done + at, true);
 			}
+			dma_write(job->dma, delta + record, entry, DELTA_ENTRY);
 			record += DELTA_ENTRY;
 		}
 		done += chunk;
@@ -371,7 +374,6 @@ static uint32_t op_dualcast(struct job *job)
 		memcpy(h2, hs, chunk);
 		done += chunk;
 	}
-	job->out->bytes_completed = (uint32_t)done;
 	return ST_SUCCESS;
 }
 
@@ -416,8 +418,6 @@ static uint32_t op_crc(struct job *job, bool copy)
 		state = crc_update(state, hs, chunk, crc_flags);
 		done += chunk;
 	}
-	if (status == ST_SUCCESS)
-		job->out->bytes_completed = (uint32_t)done;
 	put64(job->out->specific, crc_end(state, crc_flags));
 	return status;
 }
@@ -561,8 +561,6 @@ static uint32_t op_dif(struct job *job, uint8_t opcode)
 		if (writes)
 			dma_write(job->dma, t, block, dst_step);
 	}
-	if (status == ST_SUCCESS)
-		job->out->bytes_completed = job->size;
 	if (opcode == OP_DIF_INS) {
 		record_tags(job->out->specific + 8, &out, b);
 	} else {
@@ -578,9 +576,9 @@ static uint32_t op_cflush(struct job *job)
 	uint64_t dst = le64(job->d + 24), n = job->size;
 	uint64_t got = wraps(dst, n) ? 0 : dma_accessible(job->dma, dst, n, PROT_MAPPED);
 
+	/* A flush writes lines back: a fault counts as a write. */
 	if (got < n)
-		return fault(job, dst + got, got, false);
-	job->out->bytes_completed = (uint32_t)n;
+		return fault(job, dst + got, got, true);
 	return ST_SUCCESS;
 }
 
@@ -741,22 +739,17 @@ static void complete(struct job *job, uint8_t op, int batch_index, uint32_t inva
 	uint64_t writable;
 	uint8_t *status_byte;
 
-	if (!(job->flags & F_CRAV)) {
-		if (!successful(out->status))
-			software_error(job->ctx, out->status, op, batch_index, invalid_flags,
-				       out->fault_addr);
-		else if (job->flags & F_RCI)
-			vdsa_engine_irq_trigger(job->ctx->engine, le16(job->d + 36));
-		return;
-	}
-	if ((job->flags & F_RCR) || out->status != ST_SUCCESS) {
+	if (!(job->flags & F_CRAV) && !successful(out->status))
+		software_error(job->ctx, out->status, op, batch_index, invalid_flags,
+			       out->fault_addr);
+	if ((job->flags & F_CRAV) && ((job->flags & F_RCR) || out->status != ST_SUCCESS)) {
 		writable = wraps(record_addr, COMPLETION_SIZE)
 				   ? 0
 				   : dma_accessible(job->dma, record_addr, COMPLETION_SIZE,
 						    PROT_WRITABLE);
 		if (writable < COMPLETION_SIZE) {
-			software_error(job->ctx, ST_CRA_XLAT, op, batch_index, 0,
-				       record_addr + writable);
+			software_error(job->ctx, ST_CRA_XLAT | STATUS_WRITE_FAULT, op, batch_index,
+				       0, record_addr + writable);
 			return;
 		}
 		record[1] = out->result;

@@ -68,7 +68,9 @@ class Artifact:
     def building(self) -> Iterator[Path]:
         """Yield a scratch directory; on success it becomes ``self.path``."""
         self.root.mkdir(parents=True, exist_ok=True)
-        scratch = self.root / f".{self.name}-{self.key}.partial"
+        # One scratch directory per process: concurrent builds of one artifact must not
+        # share (and delete) each other's half-built files.
+        scratch = self.root / f".{self.name}-{self.key}.{os.getpid()}.partial"
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()
         try:
@@ -77,7 +79,12 @@ class Artifact:
                 json.dumps({"name": self.name, "inputs": dict(self.inputs)}, indent=2) + "\n"
             )
             shutil.rmtree(self.path, ignore_errors=True)
-            scratch.rename(self.path)
+            try:
+                scratch.rename(self.path)
+            except OSError:
+                if not self.is_complete():
+                    raise
+                # Another process finished the same artifact meanwhile; keep its copy.
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
