@@ -594,28 +594,26 @@ static void set_busy(struct vdsa_engine *engine, bool busy)
 	pthread_mutex_unlock(&engine->irq_lock);
 }
 
-int vdsa_engine_vfu_attach(struct vdsa_engine *engine)
+static int while_busy(struct vdsa_engine *engine, int (*call)(vfu_ctx_t *))
 {
 	int rc, saved;
 
 	set_busy(engine, true);
-	rc = vfu_attach_ctx(engine->vfu);
+	rc = call(engine->vfu);
 	saved = errno;
 	set_busy(engine, false);
 	errno = saved;
 	return rc;
 }
 
+int vdsa_engine_vfu_attach(struct vdsa_engine *engine)
+{
+	return while_busy(engine, vfu_attach_ctx);
+}
+
 int vdsa_engine_vfu_run(struct vdsa_engine *engine)
 {
-	int rc, saved;
-
-	set_busy(engine, true);
-	rc = vfu_run_ctx(engine->vfu);
-	saved = errno;
-	set_busy(engine, false);
-	errno = saved;
-	return rc;
+	return while_busy(engine, vfu_run_ctx);
 }
 
 /* --- Memory and errors ------------------------------------------------------------------ */

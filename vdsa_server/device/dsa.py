@@ -739,45 +739,35 @@ class DsaDevice:
             return IdxdCmdstsErr.ERR_DEV_NOT_EN
         return None
 
-    def _disable_wq(self, operand: int) -> _Completion:
+    def _on_selected(self, operand: int, action: Callable[[int], None]) -> _Completion:
+        """Disable, drain, abort and reset WQ: check the selection, then act on each WQ."""
         wqs = self._selected_wqs(operand)
         error = self._check_selected(wqs)
         if error is not None:
             return error, 0
         for wq in wqs:
-            self._set_wq_state(wq, IdxdWqState.DISABLED, "disable WQ")
+            action(wq)
         return IdxdCmdstsErr.SUCCESS, 0
+
+    def _disable_wq(self, operand: int) -> _Completion:
+        return self._on_selected(
+            operand, lambda wq: self._set_wq_state(wq, IdxdWqState.DISABLED, "disable WQ"))
 
     def _drain_wq(self, operand: int) -> _Completion:
-        wqs = self._selected_wqs(operand)
-        error = self._check_selected(wqs)
-        if error is not None:
-            return error, 0
-        for wq in wqs:
-            self._engine.drain_wq(wq)
-        return IdxdCmdstsErr.SUCCESS, 0
+        return self._on_selected(operand, self._engine.drain_wq)
 
     def _abort_wq(self, operand: int) -> _Completion:
-        wqs = self._selected_wqs(operand)
-        error = self._check_selected(wqs)
-        if error is not None:
-            return error, 0
-        for wq in wqs:
-            self._abort(wq)
-        return IdxdCmdstsErr.SUCCESS, 0
+        return self._on_selected(operand, self._abort)
 
     def _reset_wq(self, operand: int) -> _Completion:
-        wqs = self._selected_wqs(operand)
-        error = self._check_selected(wqs)
-        if error is not None:
-            return error, 0
-        for wq in wqs:
-            # Reset WQ disables the WQ and returns its WQCFG to the power-on value: the driver
-            # relies on it, ORing the WQCFG it reads back into its fresh copy (DSA spec).
-            self._abort(wq)
-            self._set_wq_state(wq, IdxdWqState.DISABLED, "reset WQ")
-            self._restore_wqcfg(wq)
-        return IdxdCmdstsErr.SUCCESS, 0
+        return self._on_selected(operand, self._reset_one_wq)
+
+    def _reset_one_wq(self, wq: int) -> None:
+        # Reset WQ disables the WQ and returns its WQCFG to the power-on value: the driver
+        # relies on it, ORing the WQCFG it reads back into its fresh copy (DSA spec).
+        self._abort(wq)
+        self._set_wq_state(wq, IdxdWqState.DISABLED, "reset WQ")
+        self._restore_wqcfg(wq)
 
     def _drain_or_abort_pasid(self, _operand: int) -> _Completion:
         # No descriptor ever carries a PASID here (no PASID capability): nothing to wait for.
