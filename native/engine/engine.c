@@ -225,6 +225,21 @@ static void run_taken(struct vdsa_engine *engine, uint32_t w, const uint8_t *des
 	pthread_mutex_unlock(&engine->lock);
 }
 
+/* Takes WQ w's oldest descriptor and runs it; called and returns with the lock held. */
+static void run_next(struct vdsa_engine *engine, uint32_t w)
+{
+	struct wq *wq = &engine->wqs[w];
+	uint8_t descriptor[DESC_SIZE];
+
+	memcpy(descriptor, wq->ring[wq->head], DESC_SIZE);
+	wq->head = (wq->head + 1) % wq->config.size;
+	wq->count--;
+	wq->inflight++;
+	pthread_mutex_unlock(&engine->lock);
+	run_taken(engine, w, descriptor);
+	pthread_mutex_lock(&engine->lock);
+}
+
 static void *worker(void *arg)
 {
 	struct worker_start start = *(struct worker_start *)arg;
@@ -233,7 +248,6 @@ static void *worker(void *arg)
 	free(arg);
 	pthread_mutex_lock(&engine->lock);
 	while (!engine->stopping) {
-		uint8_t descriptor[DESC_SIZE];
 		uint32_t w = 0;
 		struct wq *wq = pick(engine, start.index, &w);
 
@@ -241,13 +255,7 @@ static void *worker(void *arg)
 			pthread_cond_wait(&engine->work, &engine->lock);
 			continue;
 		}
-		memcpy(descriptor, wq->ring[wq->head], DESC_SIZE);
-		wq->head = (wq->head + 1) % wq->config.size;
-		wq->count--;
-		wq->inflight++;
-		pthread_mutex_unlock(&engine->lock);
-		run_taken(engine, w, descriptor);
-		pthread_mutex_lock(&engine->lock);
+		run_next(engine, w);
 	}
 	pthread_mutex_unlock(&engine->lock);
 	return NULL;
@@ -330,18 +338,8 @@ int vdsa_engine_wq_disable(struct vdsa_engine *engine, uint32_t w)
 	pthread_mutex_lock(&engine->lock);
 	engine->wqs[w].enabled = false;
 	/* Workers skip disabled WQs: finish the queue here, in order. */
-	while (engine->wqs[w].count) {
-		struct wq *wq = &engine->wqs[w];
-		uint8_t descriptor[DESC_SIZE];
-
-		memcpy(descriptor, wq->ring[wq->head], DESC_SIZE);
-		wq->head = (wq->head + 1) % wq->config.size;
-		wq->count--;
-		wq->inflight++;
-		pthread_mutex_unlock(&engine->lock);
-		run_taken(engine, w, descriptor);
-		pthread_mutex_lock(&engine->lock);
-	}
+	while (engine->wqs[w].count)
+		run_next(engine, w);
 	wait_idle(engine, &engine->wqs[w]);
 	memset(engine->wqs[w].partial, 0, sizeof(engine->wqs[w].partial));
 	pthread_mutex_unlock(&engine->lock);
