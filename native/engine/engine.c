@@ -11,7 +11,6 @@
 #define PORTALS_PER_WQ 4u
 #define SLOTS_PER_PAGE (PORTAL_PAGE / DESC_SIZE)
 #define ERROR_QUEUE 64u
-#define MAX_ATTACHED 16
 
 struct partial {
 	uint8_t data[DESC_SIZE];
@@ -62,13 +61,6 @@ struct vdsa_engine {
 	int error_fd;
 };
 
-/* libvfio-user's region callback has no private pointer of ours: find the engine by ctx. */
-static pthread_mutex_t attached_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct {
-	vfu_ctx_t *ctx;
-	struct vdsa_engine *engine;
-} attached[MAX_ATTACHED];
-
 struct vdsa_engine *vdsa_engine_create(const struct vdsa_engine_config *config)
 {
 	struct vdsa_engine *engine;
@@ -95,20 +87,10 @@ struct vdsa_engine *vdsa_engine_create(const struct vdsa_engine_config *config)
 	return engine;
 }
 
-static void detach(struct vdsa_engine *engine)
-{
-	pthread_mutex_lock(&attached_lock);
-	for (int i = 0; i < MAX_ATTACHED; i++)
-		if (attached[i].engine == engine)
-			attached[i].ctx = NULL, attached[i].engine = NULL;
-	pthread_mutex_unlock(&attached_lock);
-}
-
 void vdsa_engine_destroy(struct vdsa_engine *engine)
 {
 	if (!engine)
 		return;
-	detach(engine);
 	pthread_mutex_lock(&engine->lock);
 	engine->stopping = true;
 	for (uint32_t w = 0; w < engine->config.num_wqs; w++)
@@ -174,15 +156,6 @@ void engine_drain_wait(struct vdsa_engine *engine, uint32_t wq_index)
 	pthread_mutex_unlock(&engine->lock);
 }
 
-void engine_count_completion(struct vdsa_engine *engine, uint32_t wq, bool error)
-{
-	pthread_mutex_lock(&engine->lock);
-	engine->wqs[wq].counters.completed++;
-	if (error)
-		engine->wqs[wq].counters.errors++;
-	pthread_mutex_unlock(&engine->lock);
-}
-
 /* --- Workers ---------------------------------------------------------------------------- */
 
 struct worker_start {
@@ -218,8 +191,11 @@ static void run_taken(struct vdsa_engine *engine, uint32_t w, const uint8_t *des
 	struct wq *wq = &engine->wqs[w];
 	struct exec_context ctx = { engine, w, &wq->config, &wq->abort };
 
-	execute_descriptor(&ctx, descriptor);
+	bool failed = execute_descriptor(&ctx, descriptor);
+
 	pthread_mutex_lock(&engine->lock);
+	wq->counters.completed++;
+	wq->counters.errors += failed;
 	wq->inflight--;
 	pthread_cond_broadcast(&engine->idle);
 	pthread_mutex_unlock(&engine->lock);
@@ -474,23 +450,10 @@ int vdsa_engine_portal_write(struct vdsa_engine *engine, uint64_t offset, const 
 	return 0;
 }
 
-static struct vdsa_engine *engine_of(vfu_ctx_t *ctx)
-{
-	struct vdsa_engine *engine = NULL;
-
-	pthread_mutex_lock(&attached_lock);
-	for (int i = 0; i < MAX_ATTACHED; i++)
-		if (attached[i].ctx == ctx)
-			engine = attached[i].engine;
-	pthread_mutex_unlock(&attached_lock);
-	return engine;
-}
-
-
 static ssize_t portal_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t offset,
 			     bool is_write)
 {
-	struct vdsa_engine *engine = engine_of(ctx);
+	struct vdsa_engine *engine = vfu_get_private(ctx);
 	const uint8_t *config = (const uint8_t *)vfu_pci_get_config_space(ctx);
 
 	if (!is_write) {
@@ -499,26 +462,16 @@ static ssize_t portal_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t off
 		return (ssize_t)count;
 	}
 	/* With memory decode off the function does not claim the write. */
-	if (engine && (config[PCI_COMMAND] & PCI_COMMAND_MEMORY))
+	if (config[PCI_COMMAND] & PCI_COMMAND_MEMORY)
 		vdsa_engine_portal_write(engine, (uint64_t)offset, buf, (uint32_t)count);
 	return (ssize_t)count;
 }
 
 int vdsa_engine_attach_vfu(struct vdsa_engine *engine, vfu_ctx_t *ctx, uint32_t bar2_size)
 {
-	int slot = -1;
-
-	pthread_mutex_lock(&attached_lock);
-	for (int i = 0; i < MAX_ATTACHED && slot < 0; i++)
-		if (!attached[i].ctx)
-			slot = i;
-	if (slot >= 0) {
-		attached[slot].ctx = ctx;
-		attached[slot].engine = engine;
-	}
-	pthread_mutex_unlock(&attached_lock);
-	if (slot < 0)
-		return -ENOSPC;
+	/* The portal callback finds the engine as the context's private pointer. */
+	if (vfu_get_private(ctx) != engine)
+		return -EINVAL;
 	pthread_mutex_lock(&engine->irq_lock);
 	engine->vfu = ctx;
 	pthread_mutex_unlock(&engine->irq_lock);

@@ -74,8 +74,8 @@ struct exec_context {
 };
 
 /* Validates and executes one descriptor taken from a WQ, then completes it (record,
- * interrupt, software error). Holds the DMA read lock itself. */
-void execute_descriptor(struct exec_context *ctx, const uint8_t *descriptor);
+ * interrupt, software error). Holds the DMA read lock itself. True if it failed. */
+bool execute_descriptor(struct exec_context *ctx, const uint8_t *descriptor);
 
 /* --- engine.c services used by ops.c -------------------------------------- */
 
@@ -85,6 +85,5 @@ bool engine_int_handle_valid(struct vdsa_engine *engine, uint16_t handle);
 void engine_report_error(struct vdsa_engine *engine, const struct vdsa_swerr *error);
 /* A drain descriptor: wait until only the caller is in progress on wq. */
 void engine_drain_wait(struct vdsa_engine *engine, uint32_t wq);
-void engine_count_completion(struct vdsa_engine *engine, uint32_t wq, bool error);
 
 #endif

@@ -872,7 +872,7 @@ static uint32_t process(struct exec_context *ctx, const struct dma_table *dma,
 	return out.status;
 }
 
-void execute_descriptor(struct exec_context *ctx, const uint8_t *descriptor)
+bool execute_descriptor(struct exec_context *ctx, const uint8_t *descriptor)
 {
 	struct dma_table *dma = engine_dma(ctx->engine);
 	uint32_t status;
@@ -880,5 +880,5 @@ void execute_descriptor(struct exec_context *ctx, const uint8_t *descriptor)
 	pthread_rwlock_rdlock(&dma->lock);
 	status = process(ctx, dma, descriptor, -1);
 	pthread_rwlock_unlock(&dma->lock);
-	engine_count_completion(ctx->engine, ctx->wq, !successful(status));
+	return !successful(status);
 }

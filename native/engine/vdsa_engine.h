@@ -55,7 +55,8 @@ struct vdsa_wq_counters {
 struct vdsa_engine *vdsa_engine_create(const struct vdsa_engine_config *config);
 void vdsa_engine_destroy(struct vdsa_engine *engine);
 
-/* Registers BAR2 (size bytes) with the engine's own access callback (portal writes while
+/* ctx must have been created with this engine as its private pointer. Registers BAR2
+ * (size bytes) with the engine's own access callback (portal writes while
  * PCI_COMMAND.MEM is clear are ignored), and makes
  * vfu_irq_trigger on ctx the way interrupts leave. Before vfu_realize_ctx. */
 int vdsa_engine_attach_vfu(struct vdsa_engine *engine, vfu_ctx_t *ctx, uint32_t bar2_size);

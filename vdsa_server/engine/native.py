@@ -208,6 +208,11 @@ class Engine:
         self.close()
 
     @property
+    def handle(self) -> int:
+        """The ``struct vdsa_engine *``: the private pointer of the context it attaches to."""
+        return self._e
+
+    @property
     def _e(self) -> int:
         if self._handle is None:
             raise ValueError("engine is closed")

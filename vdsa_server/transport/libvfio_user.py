@@ -571,11 +571,13 @@ class Context:
     """
 
     def __init__(
-        self, lib: LibVfioUser, socket_path: Path, *, log_level: int = syslog.LOG_INFO
+        self, lib: LibVfioUser, socket_path: Path, *, log_level: int = syslog.LOG_INFO,
+        private: int | None = None,
     ) -> None:
         """``vfu_create_ctx``: binds and listens on ``socket_path`` at once
         (EADDRINUSE if it exists).  ``log_level`` is a syslog level; library
-        messages up to it are logged as ``vfu.log`` events."""
+        messages up to it are logged as ``vfu.log`` events.  ``private`` is the
+        context's private pointer, for native callbacks (``vfu_get_private``)."""
         self._lib = lib
         self._c = lib.cdll
         self.socket_path = socket_path
@@ -588,7 +590,7 @@ class Context:
                 _VFU_TRANS_SOCK,
                 os.fsencode(socket_path),
                 _LIBVFIO_USER_FLAG_ATTACH_NB,
-                None,
+                private,
                 _VFU_DEV_TYPE_PCI,
             )
         )

@@ -135,7 +135,7 @@ class VdsaServer:
         claim_socket_path(self.socket_path)
         lib = self._lib or load_library()
         try:
-            with Context(lib, self.socket_path) as ctx:
+            with Context(lib, self.socket_path, private=self.engine.handle) as ctx:
                 self._set_up(ctx)
                 ctx.realize()
                 log.info("server.listening", socket=str(self.socket_path),
