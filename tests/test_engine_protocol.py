@@ -11,7 +11,6 @@ a DMA unmap waiting for a descriptor) blocks only it, so every wait here stays b
 from __future__ import annotations
 
 import contextlib
-import itertools
 import struct
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -22,7 +21,15 @@ import pytest
 import trio
 
 from tests.conftest import vdsa_env
-from vdsa_server.client import GuestMemory, IrqEventfd, PciIrq, VfioUserClient
+from vdsa_server.client import GuestMemory, PciIrq, VfioUserClient
+from vdsa_server.client.driver import (
+    DESCRIPTOR_SIZE,
+    PCI_COMMAND,
+    RECORD_SIZE,
+    SLOTS_PER_PORTAL,
+    DsaDriver,
+    vector_of,
+)
 from vdsa_server.client.protocol import DmaMapFlag, IrqSetFlag
 from vdsa_server.device.config import DeviceConfig
 from vdsa_server.device.descriptors import (
@@ -33,44 +40,27 @@ from vdsa_server.device.descriptors import (
 from vdsa_server.device.descriptors import DsaCompStatus as S
 from vdsa_server.device.descriptors import DsaOpcode as Op
 from vdsa_server.device.descriptors import IdxdOpFlag as F
-from vdsa_server.device.pci import PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, Bar
+from vdsa_server.device.pci import PCI_COMMAND_MEMORY, Bar
 from vdsa_server.device.registers import (
-    GRPCFG_SIZE,
-    IDXD_CMD_OFFSET,
     IDXD_CMDSTS_OFFSET,
     IDXD_GENCTRL_OFFSET,
     IDXD_GENSTATS_OFFSET,
     IDXD_INTCAUSE_OFFSET,
     IDXD_SWERR_ACK,
     IDXD_SWERR_OFFSET,
-    IDXD_TABLE_MULT,
-    IDXD_TABLE_OFFSET,
-    IDXD_WQCAP_OFFSET,
-    IDXD_WQCFG_MIN,
-    CmdStsReg,
     GenCtrlReg,
     GenStsReg,
     IdxdCmd,
     IdxdCmdstsErr,
-    IdxdCommandReg,
     IdxdDeviceStatusState,
     IdxdIntc,
     IdxdPortal,
-    IdxdWqMode,
-    OffsetsReg,
     SwErrReg,
-    WqCapReg,
-    WqCfg,
-    wq_portal_offset,
 )
 from vdsa_server.engine import Engine
 from vdsa_server.transport.server import VdsaServer
 
 MiB = 1 << 20
-PCI_COMMAND = 0x04
-DESCRIPTOR_SIZE = 64
-RECORD_SIZE = 32
-SLOTS_PER_PORTAL = 0x1000 // DESCRIPTOR_SIZE
 WAIT = 5.0  # bound of any single wait for the device
 POLL = 0.001
 
@@ -105,11 +95,6 @@ NOTIFY = F.CRAV | F.RCR | F.RCI
 # another engine), WQs 1 and 2 with one engine each.
 WQ_SIZES = {0: 64, 1: 32, 2: 16}
 WQ_ENGINES = {0: (0, 1), 1: (2,), 2: (3,)}
-
-
-def vector_of(wq: int) -> int:
-    """The MSI-X vector the stock driver gives WQ ``wq``'s completions (0 is device events)."""
-    return wq + 1
 
 
 VECTOR = vector_of(0)
@@ -282,18 +267,14 @@ async def server_log(log: Path) -> str:
 # --- The guest's side -----------------------------------------------------------------------------
 
 
-class Guest:
-    """A client driving the device as the stock idxd driver would, reduced to what the tests
-    need: memory decode and bus mastering, MSI-X, WQs, commands, portals, records."""
+class Guest(DsaDriver):
+    """The driver, with the tests' topology, the server's engine when it runs in this process,
+    and one-descriptor round trips."""
 
     def __init__(self, server: VdsaServer | None, client: VfioUserClient,
                  memory: GuestMemory) -> None:
+        super().__init__(client, memory, wait_limit=WAIT)
         self.server = server  # None when it runs in another process
-        self.client = client
-        self.memory = memory
-        self.vectors: list[IrqEventfd] = []
-        self._slots = itertools.count()
-        self._grpcfg = self._wqcfg = self._wqcfg_size = 0
 
     @property
     def engine(self) -> Engine:
@@ -302,99 +283,24 @@ class Guest:
         return self.server.engine
 
     async def set_up(self) -> None:
-        command = await self.client.config_read(PCI_COMMAND, 2)
-        await self.client.config_write(
-            PCI_COMMAND, command | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, 2)
-        info = await self.client.device_get_irq_info(PciIrq.MSIX)
-        self.vectors = await self.client.enable_msix(info.count)
-        offsets = OffsetsReg()
-        offsets.bits[0] = await self.read64(IDXD_TABLE_OFFSET)
-        offsets.bits[1] = await self.read64(IDXD_TABLE_OFFSET + 8)
-        self._grpcfg = offsets.grpcfg * IDXD_TABLE_MULT
-        self._wqcfg = offsets.wqcfg * IDXD_TABLE_MULT
-        wqcap = WqCapReg(bits=await self.read64(IDXD_WQCAP_OFFSET))
-        self._wqcfg_size = 1 << (wqcap.wqcfg_size + IDXD_WQCFG_MIN)
-        await self.client.dma_map(self.memory)
+        await super().set_up()
         await self.configure()
 
     async def configure(self) -> None:
         """Groups and WQs, as the tests' topology has them; the device and WQ 0 enabled."""
         for group, wq in enumerate(sorted(WQ_SIZES)):
             await self.configure_wq(wq, WQ_SIZES[wq])
-            await self.write64(self._grpcfg + group * GRPCFG_SIZE, 1 << wq)
-            await self.write64(self._grpcfg + group * GRPCFG_SIZE + 32,
-                               sum(1 << e for e in WQ_ENGINES[wq]))
+            await self.configure_group(group, 1 << wq, sum(1 << e for e in WQ_ENGINES[wq]))
         assert await self.command(IdxdCmd.ENABLE_DEVICE) is IdxdCmdstsErr.SUCCESS
         assert await self.command(IdxdCmd.ENABLE_WQ, 0) is IdxdCmdstsErr.SUCCESS
-
-    # --- Registers ---
-
-    async def read32(self, offset: int) -> int:
-        return await self.client.read32(Bar.REGISTERS, offset)
-
-    async def read64(self, offset: int) -> int:
-        return await self.client.read64(Bar.REGISTERS, offset)
-
-    async def write32(self, offset: int, value: int) -> None:
-        await self.client.write32(Bar.REGISTERS, offset, value)
-
-    async def write64(self, offset: int, value: int) -> None:
-        await self.client.write64(Bar.REGISTERS, offset, value)
-
-    async def configure_wq(self, wq: int, size: int) -> None:
-        wqcfg = WqCfg()
-        wqcfg.wq_size, wqcfg.priority, wqcfg.mode = size, 10, IdxdWqMode.DEDICATED
-        wqcfg.max_xfer_shift, wqcfg.max_batch_shift = 21, 10  # 2 MiB, 1024 descriptors
-        for dword in range(self._wqcfg_size // 4):
-            await self.write32(self._wqcfg + wq * self._wqcfg_size + 4 * dword,
-                               wqcfg.bits[dword])
-
-    async def command(self, cmd: IdxdCmd, operand: int = 0) -> IdxdCmdstsErr:
-        return IdxdCmdstsErr((await self.command_status(cmd, operand)).err)
-
-    async def command_status(self, cmd: IdxdCmd, operand: int = 0) -> CmdStsReg:
-        """Run a device command as idxd_cmd_exec does: int_req, vector 0, CMDSTS."""
-        command = IdxdCommandReg(cmd=cmd, operand=operand, int_req=1)
-        await self.write32(IDXD_CMD_OFFSET, command.bits)
-        assert await self.interrupt(0) == 1
-        cause = await self.read32(IDXD_INTCAUSE_OFFSET)
-        assert cause & IdxdIntc.CMD
-        await self.write32(IDXD_INTCAUSE_OFFSET, cause)
-        status = CmdStsReg(bits=await self.read32(IDXD_CMDSTS_OFFSET))
-        assert not status.active
-        return status
 
     async def swerr(self) -> SwErrReg:
         return SwErrReg.from_buffer_copy(
             await self.client.region_read(Bar.REGISTERS, IDXD_SWERR_OFFSET, RECORD_SIZE))
 
-    # --- Descriptors ---
-
-    async def submit(self, desc: bytes, wq: int = 0,
-                     portal: IdxdPortal = IdxdPortal.LIMITED_MSIX, slot: int | None = None
-                     ) -> None:
-        """A MOVDIR64B: eight ascending 8-byte writes into one 64-byte portal slot, posted
-        (No_reply) as QEMU posts BAR writes. Slots are used in turn unless one is given."""
-        assert len(desc) == DESCRIPTOR_SIZE
-        if slot is None:
-            slot = next(self._slots) % SLOTS_PER_PORTAL
-        offset = wq_portal_offset(wq, portal) + slot * DESCRIPTOR_SIZE
-        for i in range(0, DESCRIPTOR_SIZE, 8):
-            await self.client.region_write(Bar.PORTALS, offset + i, desc[i:i + 8], posted=True)
-
-    async def interrupt(self, vector: int) -> int:
-        with trio.fail_after(WAIT):
-            return await self.vectors[vector].wait()
-
     def write_list(self, entries: Sequence[bytes], at: int = LISTS) -> None:
         """A batch's descriptor list, in guest memory."""
         self.memory.write(at, b"".join(entries))
-
-    def status(self, record: int) -> int:
-        return self.memory.read(record, 1)[0]
-
-    def record(self, record: int) -> DsaCompletionRecord:
-        return DsaCompletionRecord.from_buffer_copy(self.memory.read(record, RECORD_SIZE))
 
     async def wait_record(self, record: int) -> DsaCompletionRecord:
         await poll_until(lambda: self.status(record) != 0)

@@ -1,6 +1,7 @@
 """The native descriptor engine (``native/engine``), built by vdsa itself into
-the cache: a release build and a sanitized one (ASan + UBSan) for the tests.
-Warnings are errors in both."""
+the cache: a release build and a sanitized one (ASan + UBSan) for the tests;
+and beside it the host reference library of ``vdsa bench`` (``native/bench``).
+Warnings are errors in all of them."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from vdsa_server.platform.steps import run_step
 log = get_logger()
 
 ENGINE_SOURCES = NATIVE / "engine"
+HOSTREF_SOURCES = NATIVE / "bench"
+HOSTREF_FILENAME = "libvdsa_hostref.so"
 COMPILER = "cc"
 WARNINGS = ("-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wstrict-prototypes",
             "-Wmissing-prototypes")
@@ -48,7 +51,7 @@ def _compiler_version() -> str:
 
 
 def engine_artifact() -> Artifact:
-    sources = sorted(ENGINE_SOURCES.glob("*.[ch]"))
+    sources = sorted([*ENGINE_SOURCES.glob("*.[ch]"), *HOSTREF_SOURCES.glob("*.[ch]")])
     return artifact(
         "engine",
         {
@@ -62,7 +65,7 @@ def engine_artifact() -> Artifact:
 
 
 async def build_engine(*, force: bool = False) -> Artifact:
-    """Build (or reuse) both variants of the engine."""
+    """Build (or reuse) both variants of the engine, and the host reference library."""
     target = engine_artifact()
     if target.is_complete() and not force:
         log.info("engine.build.cached", path=str(target.path))
@@ -80,6 +83,12 @@ async def build_engine(*, force: bool = False) -> Artifact:
                  f"-L{lib_dir}", *LIBRARIES, f"-Wl,-rpath,{lib_dir}"],
                 log_file=scratch / "build.log",
             )
+        await run_step(
+            "engine.hostref",
+            [COMPILER, *COMMON_FLAGS, *Variant.RELEASE.flags, "-o", scratch / HOSTREF_FILENAME,
+             *sorted(HOSTREF_SOURCES.glob("*.c")), "-lisal"],
+            log_file=scratch / "build.log",
+        )
     log.info("engine.build.done", path=str(target.path))
     return target
 
