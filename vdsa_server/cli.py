@@ -21,7 +21,7 @@ from vdsa_server.platform.steps import BuildError
 
 if TYPE_CHECKING:
     from vdsa_server.device.config import DeviceConfig
-    from vdsa_server.platform.launcher import BootSpec, GuestRun
+    from vdsa_server.platform.launcher import GuestRun
     from vdsa_server.transport.server import VdsaServer
 
 # Like `docker run`: 125 means vdsa itself failed, anything else is the script's.
@@ -158,22 +158,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _boot_with_server(spec: BootSpec, config: DeviceConfig,
-                            stream: Callable[[console.Event], None]) -> GuestRun:
-    """Boot with vdsa's own server listening at ``spec.socket`` for the boot."""
-    from vdsa_server.platform.launcher import boot
-    from vdsa_server.transport.server import VdsaServer
-
-    assert spec.socket is not None
-    async with trio.open_nursery() as nursery:
-        await nursery.start(VdsaServer(spec.socket, config).serve)
-        run = await boot(spec, stream)
-        nursery.cancel_scope.cancel()
-    return run
-
-
 def _boot(args: argparse.Namespace) -> int:
-    from vdsa_server.platform.launcher import DEFAULT_FIRMWARE_DIRS, BootSpec, boot
+    from vdsa_server.platform.launcher import (
+        DEFAULT_FIRMWARE_DIRS,
+        BootSpec,
+        boot,
+        boot_with_server,
+    )
 
     log_dir = _log_dir(args.log_dir, "vdsa-boot-")
     socket = args.socket or (log_dir / "vdsa.sock" if args.serve else None)
@@ -184,7 +175,7 @@ def _boot(args: argparse.Namespace) -> int:
         timeout=args.timeout, log_dir=log_dir,
     )
     if args.serve:
-        run = trio.run(_boot_with_server, spec, _device_config(args.config), _streamer(args.json))
+        run = trio.run(boot_with_server, spec, _device_config(args.config), _streamer(args.json))
     else:
         run = trio.run(boot, spec, _streamer(args.json))
     _print_run(run, args.json)
@@ -195,7 +186,7 @@ def _demo(args: argparse.Namespace) -> int:
     """vdsa's own server, and a guest that checks the platform, configures and
     enables the virtual DSA with the stock driver, and runs dmatest on it."""
     from vdsa_server.paths import QEMU_CONFIGS
-    from vdsa_server.platform.launcher import BootSpec
+    from vdsa_server.platform.launcher import BootSpec, boot_with_server
 
     scripts = QEMU_CONFIGS / "guest-scripts"
     log_dir = _log_dir(args.log_dir, "vdsa-demo-")
@@ -203,7 +194,7 @@ def _demo(args: argparse.Namespace) -> int:
              for name in ("platform-check.sh", "dsa-configure.sh", "dmatest.sh")}
     spec = BootSpec(script=(scripts / "demo.sh").read_bytes(), files=files,
                     socket=log_dir / "vdsa.sock", log_dir=log_dir, timeout=args.timeout)
-    run = trio.run(_boot_with_server, spec, _device_config(args.config), _streamer(args.json))
+    run = trio.run(boot_with_server, spec, _device_config(args.config), _streamer(args.json))
     _print_run(run, args.json)
     states = run.results.get("states.enabled", "missing")
     print(f"virtual DSA in the guest: device and wq0.0 {states}", file=sys.stderr)

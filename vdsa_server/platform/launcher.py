@@ -19,7 +19,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -28,6 +28,9 @@ from vdsa_server.paths import QEMU_CONFIGS
 from vdsa_server.platform import console
 from vdsa_server.platform.guest_image import GuestImage, find_guest, script_archive
 from vdsa_server.platform.qemu_build import cached_qemu_binary
+
+if TYPE_CHECKING:
+    from vdsa_server.device.config import DeviceConfig
 
 log = get_logger()
 
@@ -369,3 +372,19 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
     return GuestRun(kernel=transcript.kernel, lines=transcript.lines, results=transcript.results,
                     dmesg=transcript.dmesg, exit_status=transcript.exit_status,
                     console_log=console_log, seconds=seconds, qemu=caps)
+
+
+async def boot_with_server(spec: BootSpec, config: DeviceConfig,
+                           stream: Callable[[console.Event], None] | None = None) -> GuestRun:
+    """Boot with vdsa's own server, configured by ``config``, listening at ``spec.socket`` for
+    the boot."""
+    # Imported here: it loads libvfio-user and the engine, which plain boots do not need.
+    from vdsa_server.transport.server import VdsaServer
+
+    if spec.socket is None:
+        raise ValueError("boot_with_server needs spec.socket, where its server listens")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(VdsaServer(spec.socket, config).serve)
+        run = await boot(spec, stream)
+        nursery.cancel_scope.cancel()
+    return run
