@@ -365,3 +365,11 @@ def test_dma_access_has_a_64_bit_count() -> None:
     assert p.decode_dma_access(payload, "DMA_WRITE reply") == p.DmaAccess(0x1000, 1 << 32)
     with pytest.raises(p.ProtocolError, match="DMA_READ request: 12 bytes"):
         p.decode_dma_access(payload[:12], "DMA_READ request")
+
+
+@pytest.mark.parametrize("data", [b"\x01" * 8, b"", bytes(range(64))])
+def test_posted_region_write_fast_path_encodes_what_the_layouts_do(data: bytes) -> None:
+    by_layouts = p.encode_message(0xBEEF, p.Command.REGION_WRITE,
+                                  p.encode_region_access(2, 0x1238, len(data), data),
+                                  flags=p.HeaderFlag.NO_REPLY)
+    assert p.encode_posted_region_write(0xBEEF, 2, 0x1238, data) == by_layouts

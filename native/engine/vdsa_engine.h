@@ -61,7 +61,9 @@ void vdsa_engine_destroy(struct vdsa_engine *engine);
  * vfu_irq_trigger on ctx the way interrupts leave. Before vfu_realize_ctx. */
 int vdsa_engine_attach_vfu(struct vdsa_engine *engine, vfu_ctx_t *ctx, uint32_t bar2_size);
 /* vfu_attach_ctx / vfu_run_ctx wrapped so that interrupts raised meanwhile by workers are
- * delivered after it, never while libvfio-user may be replacing the eventfds. */
+ * delivered after it, never while libvfio-user may be replacing the eventfds. vfu_run
+ * handles up to 16 waiting messages in one call and returns how many (0: none waited), or
+ * -1 with errno from the first failing vfu_run_ctx. */
 int vdsa_engine_vfu_attach(struct vdsa_engine *engine);
 int vdsa_engine_vfu_run(struct vdsa_engine *engine);
 /* Portal write as libvfio-user's region callback would pass it (exposed for tests). */

@@ -23,6 +23,7 @@ makes the server do DMA, use :meth:`VfioUserClient.wait_served_dma` before the n
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -67,6 +68,7 @@ from vdsa_server.client.protocol import (
     encode_dma_unmap,
     encode_error_reply,
     encode_message,
+    encode_posted_region_write,
     encode_region_access,
     encode_reply,
     encode_set_irqs,
@@ -169,6 +171,15 @@ class GuestMemory:
     def write(self, iova: int, data: bytes) -> None:
         start = self._offset(iova, len(data))
         self._map[start:start + len(data)] = data
+
+    def address(self, iova: int, length: int) -> int:
+        """This process's address of ``[iova, iova + length)``, for native code working on
+        the same pages as the device (benchmark references)."""
+        start = self._offset(iova, length)
+        view = ctypes.c_char.from_buffer(self._map, start)
+        address = ctypes.addressof(view)
+        del view  # an exported buffer would keep the mapping from closing
+        return address
 
     @property
     def closed(self) -> bool:
@@ -678,10 +689,8 @@ class VfioUserClient:
             if len(data) > limit:
                 raise ValueError(f"a {len(data)}-byte write exceeds the server's "
                                  f"max_data_xfer_size {limit}")
-            payload = encode_region_access(region, offset, len(data), data)
-            messages.append(encode_message(self._ids.allocate(self._waiters),
-                                           Command.REGION_WRITE, payload,
-                                           flags=HeaderFlag.NO_REPLY))
+            messages.append(encode_posted_region_write(self._ids.allocate(self._waiters),
+                                                       region, offset, data))
         await self._send(b"".join(messages))
 
     async def read(self, region: int, offset: int, size: int) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import json
+import struct
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -693,6 +694,19 @@ class RegionAccess:
 
 def encode_region_access(region: int, offset: int, count: int, data: bytes = b"") -> bytes:
     return bytes(VfioUserRegionAccess(offset, region, count)) + data
+
+
+# A posted REGION_WRITE's header and fixed part in one pack: the benchmarks send eight per
+# descriptor, and building them from the ctypes layouts cost more than the send.
+_POSTED_WRITE = struct.Struct("<HHIIIQII")
+assert _POSTED_WRITE.size == ctypes.sizeof(VfioUserHeader) + ctypes.sizeof(VfioUserRegionAccess)
+
+
+def encode_posted_region_write(msg_id: int, region: int, offset: int, data: bytes) -> bytes:
+    """A whole REGION_WRITE message with No_reply, as :func:`encode_message` of
+    :func:`encode_region_access` with ``flags=HeaderFlag.NO_REPLY`` makes it."""
+    return _POSTED_WRITE.pack(msg_id, Command.REGION_WRITE, _POSTED_WRITE.size + len(data),
+                              HeaderFlag.NO_REPLY, 0, offset, region, len(data)) + data
 
 
 def decode_region_access(payload: bytes, what: str) -> RegionAccess:

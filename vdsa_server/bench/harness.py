@@ -1,0 +1,495 @@
+"""Benchmarks through the vfio-user protocol, without QEMU: ``vdsa serve`` in a process of its
+own, driven by the client harness as the stock driver drives a DSA (each descriptor a MOVDIR64B's
+eight posted portal writes, completions signalled by MSI-X or seen by polling the record). Each
+figure stands beside the host doing the same work on the same buffers in this process, or, for
+batches and scaling, beside vdsa's own figure for the plain case.
+
+Every case checks its results (completion status, data, CRC values) as it goes: a figure from
+wrong results is an error, not a figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from vdsa_server.bench.hostref import HostOp, HostReference
+from vdsa_server.bench.results import Measurement
+from vdsa_server.client import GuestMemory, VfioUserClient
+from vdsa_server.client.driver import RECORD_SIZE, DsaDriver, vector_of
+from vdsa_server.device.descriptors import (
+    DsaCompletionRecord,
+    DsaCompStatus,
+    DsaHwDesc,
+    DsaOpcode,
+    IdxdOpFlag,
+)
+from vdsa_server.device.registers import IdxdCmd
+from vdsa_server.log import get_logger
+
+log = get_logger()
+
+KiB = 1 << 10
+MiB = 1 << 20
+GB = 1e9
+DIF_BLOCK = 512
+DIF_SIZE = 8
+
+# Guest memory, one memfd shared with the server.
+MEMORY = 0x1000_0000
+MEMORY_SIZE = 24 * MiB
+RECORDS = MEMORY  # 2048 records of 32 bytes, 256 for each of up to 8 streams
+RECORDS_PER_STREAM = 256
+LISTS = MEMORY + 64 * KiB  # batch descriptor lists
+SRC = MEMORY + 1 * MiB  # 2 MiB of random bytes, the source of every case
+PROTECTED = MEMORY + 3 * MiB  # SRC's first MiB with a DIF after each block (host-made)
+EXPECTED = MEMORY + 5 * MiB  # what the host made of SRC, for the device's result to equal
+DESTINATIONS = MEMORY + 8 * MiB  # one 4 MiB destination per WQ
+DESTINATION_SIZE = 4 * MiB
+FILL_PATTERN = 0x5A5A_5A5A_5A5A_5A5A  # one repeated byte, so host memset does the same work
+
+# Topology: WQ n in group n with engine n, all enabled; the default device has 4 engines.
+WQS = 4
+WQ_SIZE = 32
+SCALING_WQS = (1, 2, 4)
+BATCH_SIZE = 32
+BATCH_UNIT = 4 * KiB
+BATCH_WINDOW = 8
+LATENCY_SIZE = 64
+NOTIFY = IdxdOpFlag.CRAV | IdxdOpFlag.RCR | IdxdOpFlag.RCI
+POLLED = IdxdOpFlag.CRAV | IdxdOpFlag.RCR
+SERVER_START = 30.0  # seconds for `vdsa serve` to listen (Python, the engine, sanitizers)
+
+
+class BenchError(Exception):
+    """A benchmark could not run, or the device gave a wrong result."""
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """``seconds`` of measurement for each case and each reference."""
+
+    seconds: float = 1.0
+
+    @property
+    def warm_up(self) -> float:
+        return min(0.2, self.seconds / 4)
+
+
+def dest(wq: int) -> int:
+    return DESTINATIONS + wq * DESTINATION_SIZE
+
+
+def protected_size(size: int) -> int:
+    return size // DIF_BLOCK * (DIF_BLOCK + DIF_SIZE)
+
+
+def _descriptor(opcode: DsaOpcode, record: int, vector: int, flags: int = NOTIFY,
+                **fields: int) -> bytes:
+    desc = DsaHwDesc()
+    desc.opcode = opcode
+    desc.flags = flags
+    desc.completion_addr = record
+    if flags & IdxdOpFlag.RCI:
+        desc.int_handle = vector
+    for name, value in fields.items():
+        setattr(desc, name, value)
+    return bytes(desc)
+
+
+def _expect_success(record: DsaCompletionRecord) -> None:
+    if record.status != DsaCompStatus.SUCCESS:
+        raise BenchError(f"completion status {record.status:#x}, not success "
+                         f"(bytes completed {record.bytes_completed}, fault address "
+                         f"{record.fault_addr:#x})")
+
+
+@dataclass(frozen=True)
+class Work:
+    """One kind of descriptor: how to make it for a record and vector, how to check its record,
+    and the bytes it processes."""
+
+    opcode: DsaOpcode
+    size: int
+    fields: dict[str, int]
+    check: Callable[[DsaCompletionRecord], None] = _expect_success
+
+    def descriptor(self, record: int, vector: int, flags: int = NOTIFY) -> bytes:
+        return _descriptor(self.opcode, record, vector, flags, **self.fields)
+
+
+@dataclass
+class CpuClock:
+    """CPU seconds of this process and of the server process."""
+
+    server_pid: int
+
+    def read(self) -> tuple[float, float]:
+        times = os.times()
+        with open(f"/proc/{self.server_pid}/stat") as stat:
+            # Fields 14 and 15 (utime, stime) after the parenthesised command name.
+            fields = stat.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return times.user + times.system, (int(fields[11]) + int(fields[12])) / ticks
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    completed: int
+    seconds: float
+    client_cpu: float
+    server_cpu: float
+
+    def per_op_us(self, cpu: float) -> float:
+        return cpu / self.completed * 1e6 if self.completed else 0.0
+
+
+class Bench:
+    """The harness's side of the benchmarks: the driver, the server's CPU clock, the host
+    reference and the guest memory they share."""
+
+    def __init__(self, driver: DsaDriver, cpu: CpuClock, host: HostReference,
+                 plan: BenchPlan) -> None:
+        self.driver = driver
+        self.memory = driver.memory
+        self.cpu = cpu
+        self.host = host
+        self.plan = plan
+
+    def address(self, iova: int, size: int) -> int:
+        return self.memory.address(iova, size)
+
+    async def set_up(self) -> None:
+        await self.driver.set_up()
+        for wq in range(WQS):
+            await self.driver.configure_wq(wq, WQ_SIZE)
+            await self.driver.configure_group(wq, 1 << wq, 1 << wq)
+        await self.driver.run_command(IdxdCmd.ENABLE_DEVICE)
+        for wq in range(WQS):
+            await self.driver.run_command(IdxdCmd.ENABLE_WQ, wq)
+        self.memory.write(SRC, os.urandom(2 * MiB))
+        self.host.time_ns(HostOp.DIF_INSERT, self.address(PROTECTED, protected_size(MiB)),
+                          self.address(SRC, MiB), MiB, 1)
+
+    # --- Streams of descriptors ---
+
+    async def stream(self, wq: int, make: Callable[[int, int], bytes],
+                     check: Callable[[DsaCompletionRecord], None], window: int,
+                     seconds: float) -> StreamResult:
+        """Keep ``window`` descriptors in flight on ``wq`` for ``seconds``, as a driver does:
+        submit, sleep until the WQ's interrupt, reap the records that are done, refill.
+        ``make(record, vector)`` builds each descriptor."""
+        if window > min(WQ_SIZE, RECORDS_PER_STREAM):
+            raise ValueError(f"a window of {window} exceeds the WQ or its records")
+        driver, vector = self.driver, vector_of(wq)
+        records = RECORDS + wq * RECORDS_PER_STREAM * RECORD_SIZE
+        submitted = completed = 0
+        clock = self.cpu.read()
+        start = time.perf_counter()
+        deadline = start + seconds
+        while True:
+            open_for_more = time.perf_counter() < deadline
+            while open_for_more and submitted - completed < window:
+                record = records + submitted % window * RECORD_SIZE
+                self.memory.write(record, bytes(RECORD_SIZE))
+                await driver.submit(make(record, vector), wq)
+                submitted += 1
+            if completed == submitted:
+                break
+            await driver.interrupt(vector)
+            while completed < submitted:
+                record = records + completed % window * RECORD_SIZE
+                if not driver.status(record):
+                    break
+                check(driver.record(record))
+                completed += 1
+        seconds = time.perf_counter() - start
+        client_cpu, server_cpu = self.cpu.read()
+        return StreamResult(completed, seconds, client_cpu - clock[0], server_cpu - clock[1])
+
+    async def throughput(self, work: Work, wq: int = 0, window: int = WQ_SIZE,
+                         seconds: float | None = None) -> StreamResult:
+        """A warm-up, then ``seconds`` of ``work`` on ``wq``."""
+
+        def make(record: int, vector: int) -> bytes:
+            return work.descriptor(record, vector)
+
+        await self.stream(wq, make, work.check, window, self.plan.warm_up)
+        return await self.stream(wq, make, work.check, window, seconds or self.plan.seconds)
+
+    def host_rate(self, op: HostOp, dst: int, src: int, size: int) -> float:
+        return self.host.rate(op, self.address(dst, size), self.address(src, size), size,
+                              self.plan.seconds)
+
+
+def _cpu_extra(result: StreamResult) -> dict[str, float]:
+    return {"client_cpu_us_per_op": result.per_op_us(result.client_cpu),
+            "server_cpu_us_per_op": result.per_op_us(result.server_cpu),
+            "completed": result.completed}
+
+
+def _size_label(size: int) -> str:
+    return f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB" if size >= KiB \
+        else f"{size} B"
+
+
+def _rate_measurement(group: str, case: str, size: int, result: StreamResult,
+                      reference: str, reference_ops: float) -> Measurement:
+    ops = result.completed / result.seconds
+    return Measurement(
+        group=group, case=case, unit="GB/s", value=ops * size / GB, reference=reference,
+        reference_value=reference_ops * size / GB,
+        extra={"ops_per_s": ops, "reference_ops_per_s": reference_ops, **_cpu_extra(result)})
+
+
+# --- The cases ----------------------------------------------------------------------------------
+
+
+async def memmove_cases(bench: Bench, sizes: Sequence[int]) -> list[Measurement]:
+    measurements = []
+    for size in sizes:
+        work = Work(DsaOpcode.MEMMOVE, size,
+                    {"src_addr": SRC, "dst_addr": dest(0), "xfer_size": size})
+        bench.memory.write(dest(0), bytes(size))
+        result = await bench.throughput(work)
+        if bench.memory.read(dest(0), size) != bench.memory.read(SRC, size):
+            raise BenchError(f"memmove of {size} bytes: the destination differs from the source")
+        reference = bench.host_rate(HostOp.MEMCPY, dest(1), SRC, size)
+        measurements.append(_rate_measurement("memmove", f"memmove {_size_label(size)}", size,
+                                              result, HostOp.MEMCPY.label, reference))
+    return measurements
+
+
+def _crc_check(expected: int) -> Callable[[DsaCompletionRecord], None]:
+    def check(record: DsaCompletionRecord) -> None:
+        _expect_success(record)
+        if record.crc_val != expected:
+            raise BenchError(f"CRC {record.crc_val:#x}, the host computed {expected:#x}")
+
+    return check
+
+
+def _compare_check(record: DsaCompletionRecord) -> None:
+    _expect_success(record)
+    if record.result != 0:
+        raise BenchError(f"compare of equal buffers gave result {record.result}")
+
+
+@dataclass(frozen=True)
+class OperationCase:
+    """A descriptor's work, the host's way of doing the same (from ``host_src`` to
+    ``host_dst``), and a check of what the device left in memory."""
+
+    name: str
+    work: Work
+    host_op: HostOp
+    host_dst: int
+    host_src: int
+    verify: Callable[[], bool] = lambda: True
+
+
+def _operations(memory: GuestMemory, size: int, crc: int) -> list[OperationCase]:
+    expected_dif = memory.read(PROTECTED, protected_size(size))
+    fill = bytes([FILL_PATTERN & 0xFF]) * size
+    return [
+        OperationCase("fill", Work(DsaOpcode.MEMFILL, size, {
+            "pattern": FILL_PATTERN, "dst_addr": dest(0), "xfer_size": size}),
+            HostOp.MEMSET, dest(0), SRC, lambda: memory.read(dest(0), size) == fill),
+        OperationCase("compare", Work(DsaOpcode.COMPARE, size, {
+            "src_addr": SRC, "src2_addr": dest(1), "xfer_size": size}, _compare_check),
+            HostOp.MEMCMP, dest(1), SRC),
+        OperationCase("CRC32C", Work(DsaOpcode.CRCGEN, size, {
+            "src_addr": SRC, "xfer_size": size}, _crc_check(crc)),
+            HostOp.CRC32C, dest(0), SRC),
+        OperationCase("copy with CRC32C", Work(DsaOpcode.COPY_CRC, size, {
+            "src_addr": SRC, "dst_addr": dest(0), "xfer_size": size}, _crc_check(crc)),
+            HostOp.COPY_CRC32C, dest(0), SRC,
+            lambda: memory.read(dest(0), size) == memory.read(SRC, size)),
+        # The device's DIFs must be the host's (PROTECTED, made by set_up).
+        OperationCase("DIF insert", Work(DsaOpcode.DIF_INS, size, {
+            "src_addr": SRC, "dst_addr": dest(0), "xfer_size": size}),
+            HostOp.DIF_INSERT, EXPECTED, SRC,
+            lambda: memory.read(dest(0), len(expected_dif)) == expected_dif),
+        OperationCase("DIF check", Work(DsaOpcode.DIF_CHECK, size, {
+            "src_addr": PROTECTED, "xfer_size": protected_size(size)}),
+            HostOp.DIF_CHECK, EXPECTED, PROTECTED),
+    ]
+
+
+async def operation_cases(bench: Bench, sizes: Sequence[int]) -> list[Measurement]:
+    """Fill, compare, CRC32C, copy with CRC, DIF insert and DIF check, each against the host
+    doing the same with glibc or ISA-L."""
+    measurements = []
+    memory = bench.memory
+    for size in sizes:
+        bench.host.time_ns(HostOp.CRC32C, 0, bench.address(SRC, size), size, 1)
+        crc = ~bench.host.result() & 0xFFFF_FFFF  # ISA-L's register is the uninverted CRC
+        memory.write(dest(1), memory.read(SRC, size))
+        for case in _operations(memory, size, crc):
+            memory.write(dest(0), bytes(protected_size(size) or size))
+            result = await bench.throughput(case.work)
+            if not case.verify():
+                raise BenchError(f"{case.name} of {size} bytes: wrong data in the destination")
+            reference = bench.host_rate(case.host_op, case.host_dst, case.host_src, size)
+            if case.host_op is HostOp.DIF_CHECK and bench.host.result():
+                raise BenchError("the host's DIF check failed on the host's own DIFs")
+            measurements.append(_rate_measurement(
+                "operations", f"{case.name} {_size_label(size)}", size, result,
+                case.host_op.label, reference))
+    return measurements
+
+
+async def batch_case(bench: Bench) -> Measurement:
+    """One batch of 32 x 4 KiB memmoves against the same 32 as single descriptors."""
+    entries = b"".join(
+        _descriptor(DsaOpcode.MEMMOVE, 0, 0, 0, src_addr=SRC + i * BATCH_UNIT,
+                    dst_addr=dest(0) + i * BATCH_UNIT, xfer_size=BATCH_UNIT)
+        for i in range(BATCH_SIZE))
+    for slot in range(BATCH_WINDOW):
+        bench.memory.write(LISTS + slot * len(entries), entries)
+    batch_bytes = BATCH_SIZE * BATCH_UNIT
+    slots = iter(range(1 << 62))
+
+    def make_batch(record: int, vector: int) -> bytes:
+        slot = next(slots) % BATCH_WINDOW
+        return _descriptor(DsaOpcode.BATCH, record, vector,
+                           desc_list_addr=LISTS + slot * len(entries), desc_count=BATCH_SIZE)
+
+    def check_batch(record: DsaCompletionRecord) -> None:
+        _expect_success(record)
+        if record.bytes_completed != BATCH_SIZE:
+            raise BenchError(f"a batch completed {record.bytes_completed} of {BATCH_SIZE}")
+
+    bench.memory.write(dest(0), bytes(batch_bytes))
+    await bench.stream(0, make_batch, check_batch, BATCH_WINDOW, bench.plan.warm_up)
+    batches = await bench.stream(0, make_batch, check_batch, BATCH_WINDOW, bench.plan.seconds)
+    if bench.memory.read(dest(0), batch_bytes) != bench.memory.read(SRC, batch_bytes):
+        raise BenchError("the batch's destination differs from its source")
+    singles = await bench.throughput(Work(DsaOpcode.MEMMOVE, BATCH_UNIT, {
+        "src_addr": SRC, "dst_addr": dest(0), "xfer_size": BATCH_UNIT}))
+    singles_ops = singles.completed / singles.seconds / BATCH_SIZE
+    return _rate_measurement("batch", f"batch of {BATCH_SIZE} x 4 KiB memmove", batch_bytes,
+                             batches, f"{BATCH_SIZE} single 4 KiB memmoves", singles_ops)
+
+
+async def latency_cases(bench: Bench) -> list[Measurement]:
+    """Submission (the first portal write sent) until the record is seen complete, one
+    descriptor at a time: by its interrupt, and by polling the record without sleeping."""
+    driver, memory = bench.driver, bench.memory
+    record, vector = RECORDS, vector_of(0)
+    work = Work(DsaOpcode.MEMMOVE, LATENCY_SIZE,
+                {"src_addr": SRC, "dst_addr": dest(0), "xfer_size": LATENCY_SIZE})
+    host_us = 1e6 / bench.host_rate(HostOp.MEMCPY, dest(1), SRC, LATENCY_SIZE)
+    measurements = []
+    for mode, flags in (("interrupt", NOTIFY), ("polling", POLLED)):
+        desc = work.descriptor(record, vector, flags)
+        samples: list[float] = []
+        deadline = time.perf_counter() + bench.plan.seconds
+        warm_until = time.perf_counter() + bench.plan.warm_up
+        while time.perf_counter() < deadline or len(samples) < 2:
+            memory.write(record, bytes(RECORD_SIZE))
+            start = time.perf_counter_ns()
+            await driver.submit(desc)
+            if flags & IdxdOpFlag.RCI:
+                await driver.interrupt(vector)
+            else:
+                _spin_until_complete(driver, record)
+            end = time.perf_counter_ns()
+            _expect_success(driver.record(record))
+            if time.perf_counter() >= warm_until:
+                samples.append((end - start) / 1e3)
+        cuts = statistics.quantiles(samples, n=100, method="inclusive")
+        for name, value in (("p50", cuts[49]), ("p99", cuts[98])):
+            measurements.append(Measurement(
+                group="latency", case=f"latency 64 B memmove, {mode}, {name}", unit="us",
+                value=value, reference=f"{HostOp.MEMCPY.label} of 64 B", reference_value=host_us,
+                lower_is_better=True, extra={"samples": len(samples)}))
+    return measurements
+
+
+def _spin_until_complete(driver: DsaDriver, record: int) -> None:
+    # A polling driver spins on the record; so does this, bounded like every wait.
+    give_up = time.perf_counter() + driver.wait_limit
+    while not driver.status(record):
+        if time.perf_counter() > give_up:
+            raise BenchError(f"no completion record within {driver.wait_limit} s")
+
+
+async def scaling_cases(bench: Bench, sizes: Sequence[int]) -> list[Measurement]:
+    """The same memmove stream on 1, 2 and 4 WQs at once, each WQ with an engine of its own;
+    the reference is the one-WQ figure."""
+    measurements = []
+    for size in sizes:
+        work = {wq: Work(DsaOpcode.MEMMOVE, size,
+                         {"src_addr": SRC, "dst_addr": dest(wq), "xfer_size": size})
+                for wq in range(WQS)}
+        single_ops = 0.0
+        for count in SCALING_WQS:
+            results: list[StreamResult] = []
+
+            async def run(wq: int) -> None:
+                results.append(await bench.throughput(work[wq], wq))  # noqa: B023
+
+            async with trio.open_nursery() as nursery:
+                for wq in range(count):
+                    nursery.start_soon(run, wq)
+            total = StreamResult(
+                sum(r.completed for r in results), max(r.seconds for r in results),
+                sum(r.client_cpu for r in results) / count,
+                sum(r.server_cpu for r in results) / count)
+            ops = total.completed / total.seconds
+            single_ops = single_ops or ops
+            measurements.append(_rate_measurement(
+                "scaling", f"memmove {_size_label(size)} on {count} WQ{'s' * (count > 1)}",
+                size, total, f"memmove {_size_label(size)} on 1 WQ", single_ops))
+    return measurements
+
+
+# --- The server and the run ---------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(socket: Path, log_file: Path) -> AsyncIterator[trio.Process]:
+    """``vdsa serve`` in its own process, as it runs beside QEMU; its log goes to ``log_file``."""
+    with log_file.open("w") as log_stream:
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(partial(
+                trio.run_process,
+                [sys.executable, "-m", "vdsa_server", "serve", "--socket", str(socket)],
+                check=False, stderr=log_stream))
+            with trio.fail_after(SERVER_START):
+                while not await trio.Path(socket).exists():
+                    if process.returncode is not None:
+                        raise BenchError(f"vdsa serve exited with {process.returncode}; "
+                                         f"its log: {log_file}")
+                    await trio.sleep(0.01)
+            try:
+                yield process
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def run_harness(work_dir: Path, plan: BenchPlan) -> list[Measurement]:
+    """Every harness case, in order, against a fresh server."""
+    host = HostReference()
+    socket = work_dir / "vdsa.sock"
+    async with serving(socket, work_dir / "server.log") as process, \
+            VfioUserClient.connect(socket) as client:
+        with GuestMemory(MEMORY, MEMORY_SIZE) as memory:
+            bench = Bench(DsaDriver(client, memory), CpuClock(process.pid), host, plan)
+            await bench.set_up()
+            measurements = await memmove_cases(bench, (64, 4 * KiB, 64 * KiB, MiB))
+            measurements += await operation_cases(bench, (4 * KiB, MiB))
+            measurements.append(await batch_case(bench))
+            measurements += await latency_cases(bench)
+            measurements += await scaling_cases(bench, (64 * KiB, MiB))
+    return measurements
