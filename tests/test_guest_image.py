@@ -17,6 +17,7 @@ import trio
 from vdsa_server.platform import guest_image
 from vdsa_server.platform.guest_image import (
     GUEST_FILES,
+    GUEST_PROGRAMS,
     NATIVE_GUEST,
     GuestImageMissing,
     KernelPackage,
@@ -24,6 +25,7 @@ from vdsa_server.platform.guest_image import (
     find_guest,
     guest_artifact,
     guest_inputs,
+    guest_program_argv,
     script_archive,
 )
 
@@ -151,8 +153,9 @@ def test_cache_key_follows_every_input(tmp_path: Path, monkeypatch: pytest.Monke
     with (host.guest_files / "init").open("a") as f:
         f.write("# changed\n")
     assert_new_key()
-    (host.native / "movdir64b_test.c").write_text("/* changed */\n")
-    assert_new_key()
+    for source in GUEST_PROGRAMS.values():
+        (host.native / source).write_text("/* changed */\n")
+        assert_new_key()
     monkeypatch.setattr(guest_image, "FORMAT_VERSION", "test")
     assert_new_key()
 
@@ -193,13 +196,16 @@ def test_script_archive_rejects_bad_names(name: str) -> None:
         script_archive(b"", {name: b""})
 
 
+def compile_guest_program(program: str, tmp_path: Path) -> Path:
+    """A program of native/guest/ built as the image builds it, to run on the host."""
+    binary = tmp_path / program
+    subprocess.run(guest_program_argv(NATIVE_GUEST / GUEST_PROGRAMS[program], binary),
+                   check=True)
+    return binary
+
+
 def test_movdir64b_test_builds_and_checks_cpuid(tmp_path: Path) -> None:
-    binary = tmp_path / "movdir64b-test"
-    subprocess.run(
-        ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", binary,
-         NATIVE_GUEST / "movdir64b_test.c"],
-        check=True,
-    )  # fmt: skip
+    binary = compile_guest_program("movdir64b-test", tmp_path)
     done = subprocess.run([binary], capture_output=True, text=True)
     if "movdir64b" in Path("/proc/cpuinfo").read_text().split():
         assert done.returncode == 0, done.stdout
@@ -213,6 +219,35 @@ def test_movdir64b_test_builds_and_checks_cpuid(tmp_path: Path) -> None:
         assert done.returncode == 2
         assert done.stdout.startswith("movdir64b-test: cpuid: MOVDIR64B not supported")
         assert len(done.stdout.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def memcpy_bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_guest_program("memcpy-bench", tmp_path_factory.mktemp("memcpy-bench"))
+
+
+def test_memcpy_bench_reports_its_figures(memcpy_bench: Path) -> None:
+    done = subprocess.run([memcpy_bench, "4096", "100000"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    figures = dict(line.split(" ") for line in done.stdout.splitlines())
+    assert list(figures) == ["size", "copies", "bytes", "seconds", "iops", "kbps"]
+    assert (figures["size"], figures["copies"], figures["bytes"]) == ("4096", "100000", "409600000")
+    seconds = float(figures["seconds"])
+    assert seconds > 0
+    # Rounded to microseconds, so compared within 1%.
+    assert float(figures["iops"]) == pytest.approx(100000 / seconds, rel=0.01)
+    # KB as dmatest counts it, 1024 bytes; whole KB/s, as dmatest prints them.
+    assert int(figures["kbps"]) == pytest.approx(400000 / seconds, rel=0.01)
+
+
+@pytest.mark.parametrize("args", [
+    [], ["4096"], ["4096", "10", "1"], ["0", "10"], ["4096", "0"], ["-1", "10"], [" 4096", "10"],
+    ["4096", "10x"], ["99999999999999999999", "1"], ["4294967296", "4294967296"],
+])  # fmt: skip
+def test_memcpy_bench_refuses_bad_arguments(memcpy_bench: Path, args: list[str]) -> None:
+    done = subprocess.run([memcpy_bench, *args], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(("usage: memcpy-bench", "memcpy-bench: "))
 
 
 def test_built_image_contents(tmp_path: Path) -> None:
@@ -238,7 +273,8 @@ def test_built_image_contents(tmp_path: Path) -> None:
     modules = f"lib/modules/{kver}"
     expected = {
         "init", "bin/busybox", "bin/sh", "sbin/modprobe", "bin/base64", "bin/dd",
-        "usr/bin/accel-config", "usr/bin/vdsa-result", "usr/bin/movdir64b-test",
+        "usr/bin/accel-config", "usr/bin/vdsa-result",
+        *(f"usr/bin/{program}" for program in GUEST_PROGRAMS),
         f"{modules}/kernel/drivers/dma/idxd/idxd.ko",
         f"{modules}/kernel/drivers/dma/idxd/idxd_bus.ko",
         f"{modules}/extra/dmatest.ko", f"{modules}/modules.dep",

@@ -5,7 +5,8 @@ console, then powers off.
 Built once per machine into the cache (``vdsa build guest``). The initramfs
 holds busybox, accel-config with its libraries, the idxd modules and their
 dependencies, an out-of-tree dmatest.ko (Debian's kernel lacks it), the
-static ``movdir64b-test`` and the two scripts of ``guest_files/``.
+static programs of ``native/guest/`` (``movdir64b-test``, ``memcpy-bench``)
+and the two scripts of ``guest_files/``.
 
 The console contract of ``guest_files/init``: every machine-readable line is
 ``@@vdsa@@ `` + one JSON object + ``\\n``, with the events ``boot`` (kernel),
@@ -50,6 +51,8 @@ WANTED_MODULES = ("idxd", "idxd_bus")
 VERSIONED_PACKAGES = ("busybox-static", "accel-config", "libaccel-config1")
 BUSYBOX = Path("/bin/busybox")
 ACCEL_CONFIG = Path("/usr/bin/accel-config")
+# The image's /usr/bin programs built from native/guest/, with their sources.
+GUEST_PROGRAMS = {"movdir64b-test": "movdir64b_test.c", "memcpy-bench": "memcpy_bench.c"}
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 GUEST_FILES = PACKAGE_DIR / "guest_files"
@@ -350,23 +353,17 @@ async def _copy_accel_config(b: _Build) -> None:
     log.info("guest.build.accel_config_copied", libraries=libraries)
 
 
-async def _compile_movdir64b_test(b: _Build) -> None:
-    dest = b.root / "usr" / "bin" / "movdir64b-test"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    await b.step(
-        "movdir64b-test",
-        [
-            "gcc",
-            "-static",
-            "-O2",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-o",
-            dest,
-            NATIVE_GUEST / "movdir64b_test.c",
-        ],
-    )
+def guest_program_argv(source: Path, dest: Path) -> list[str | Path]:
+    """How a program of native/guest/ is compiled: static, as the image has only the libraries
+    accel-config needs, and warnings as errors."""
+    return ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", dest, source]
+
+
+async def _compile_guest_programs(b: _Build) -> None:
+    for program, source in GUEST_PROGRAMS.items():
+        dest = b.root / "usr" / "bin" / program
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        await b.step(program, guest_program_argv(NATIVE_GUEST / source, dest))
 
 
 async def _link_busybox_applets(b: _Build) -> int:
@@ -408,7 +405,7 @@ async def _assemble(b: _Build, out: Path) -> None:
     await _build_dmatest(b, idxd)
     _install(BUSYBOX, root / "bin" / "busybox", 0o755)
     await _copy_accel_config(b)
-    await _compile_movdir64b_test(b)
+    await _compile_guest_programs(b)
     _install(GUEST_FILES / "init", root / "init", 0o755)
     _install(GUEST_FILES / "vdsa-result", root / "usr" / "bin" / "vdsa-result", 0o755)
     # Debian's kernel package ships no modules.dep; modprobe needs it.
