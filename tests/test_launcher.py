@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from vdsa_server.device.config import DeviceConfig
 from vdsa_server.platform import launcher
 from vdsa_server.platform.launcher import (
     BootSpec,
@@ -97,6 +98,11 @@ async def test_missing_server_socket(tmp_path: Path) -> None:
     spec = BootSpec(script=b"true", socket=tmp_path / "absent.sock", log_dir=tmp_path)
     with pytest.raises(ServerSocketMissing, match="no vfio-user server socket"):
         await launcher.boot(spec)
+
+
+async def test_boot_with_server_needs_a_socket() -> None:
+    with pytest.raises(ValueError, match=r"spec\.socket"):
+        await launcher.boot_with_server(BootSpec(script=b"true\n"), DeviceConfig())
 
 
 async def test_failed_build_step_names_its_log(tmp_path: Path) -> None:
