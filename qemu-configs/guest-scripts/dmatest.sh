@@ -1,18 +1,30 @@
 # vdsa dmatest, run inside the guest: the stock idxd driver's dmaengine
 # channel on a dedicated kernel WQ copies memory with the kernel's own DMA test
-# client (dmatest: memcpy of random lengths at random offsets, every copy
-# verified), then again after the WQ was disabled and enabled.  Every step and
-# each run's summary lines and totals are reported with vdsa-result; exits
-# non-zero if a step fails, a copy fails, or a run does not complete the tests
-# requested.
+# client.  Every step and each run's summary lines and totals are reported with
+# vdsa-result; exits non-zero if a step fails, a copy fails, or a run does not
+# complete the tests requested.
 #
-# Usage: sh dmatest.sh [THREADS [ITERATIONS]]: THREADS dmatest threads on the
-# channel, each running ITERATIONS copies (default 4 x 1000).
+# Usage: sh dmatest.sh [THREADS [ITERATIONS [MODE [SIZE]]]]: THREADS dmatest
+# threads on the channel, each running ITERATIONS copies (default 4 x 1000),
+# with a SIZE-byte test buffer (default 16384, dmatest's own).  MODE:
+#   verify (default)  memcpy of random lengths at random offsets, every copy
+#                     verified, then again after the WQ was disabled and
+#                     enabled; results are named dmatest.*;
+#   bench             one run of whole-buffer copies (norandom) that are not
+#                     verified (noverify), for throughput (bench.sh); results
+#                     are named bench.*.
 threads=${1:-4}
 iterations=${2:-1000}
+mode=${3:-verify}
+size=${4:-16384}
+case $mode in
+    verify) results=dmatest noverify=N norandom=N first=run1 ;;
+    bench) results=bench noverify=Y norandom=Y first=dmatest ;;
+    *) echo "dmatest.sh: unknown mode '$mode' (verify or bench)"; exit 2 ;;
+esac
 failed=0
 check() {  # check NAME STATUS
-    if [ "$2" -eq 0 ]; then vdsa-result "dmatest.check.$1" pass; else vdsa-result "dmatest.check.$1" fail; failed=1; fi
+    if [ "$2" -eq 0 ]; then vdsa-result "$results.check.$1" pass; else vdsa-result "$results.check.$1" fail; failed=1; fi
 }
 DSA=/sys/bus/dsa/devices/dsa0
 WQ=/sys/bus/dsa/devices/wq0.0
@@ -39,14 +51,14 @@ summaries() {  # the summary lines of the dmatest threads on $CHANNEL so far
 timeouts() {  # how many of those threads' copies timed out so far
     dmesg | grep -c "dmatest: $CHANNEL-copy[0-9]*: result #[0-9]*: 'test timed out'"
 }
-run_dmatest() {  # run_dmatest NAME: one dmatest run on $CHANNEL, reported as dmatest.NAME.*
+run_dmatest() {  # run_dmatest NAME: one dmatest run on $CHANNEL, reported as $results.NAME.*
     name=$1
     summaries_before=$(summaries | wc -l)
     timeouts_before=$(timeouts)
     # Naming the channel creates its threads with the parameters set so far.
     echo "$CHANNEL" > "$PARAMS/channel"
     check "$name.channel" $?
-    vdsa-result "dmatest.$name.channel" "$(cat "$PARAMS/channel")"
+    vdsa-result "$results.$name.channel" "$(cat "$PARAMS/channel")"
     echo 1 > "$PARAMS/run" || { check "$name" 1; return; }
     start=$(date +%s)
     # Done when every thread has printed its summary and `run` reads N (which
@@ -65,9 +77,9 @@ run_dmatest() {  # run_dmatest NAME: one dmatest run on $CHANNEL, reported as dm
         fi
         sleep 1
     done
-    vdsa-result "dmatest.$name.seconds" $(($(date +%s) - start))
+    vdsa-result "$results.$name.seconds" $(($(date +%s) - start))
     summaries | tail -n +$((summaries_before + 1)) | tee "/tmp/dmatest-$name.txt"
-    vdsa-result "dmatest.$name.summary" < "/tmp/dmatest-$name.txt"
+    vdsa-result "$results.$name.summary" < "/tmp/dmatest-$name.txt"
     # Totals over the threads, from lines like "dmatest: dma0chan0-copy0:
     # summary 1000 tests, 0 failures 1234.56 iops 5678 KB/s (0)"; the threads
     # run side by side, so their rates add up.
@@ -75,11 +87,11 @@ run_dmatest() {  # run_dmatest NAME: one dmatest run on $CHANNEL, reported as dm
         END { printf "%d %d %d %.2f %d\n", n, tests, failures, iops, kbs }' \
         "/tmp/dmatest-$name.txt" > "/tmp/dmatest-$name.totals"
     read -r count tests failures iops kbs < "/tmp/dmatest-$name.totals"
-    vdsa-result "dmatest.$name.threads" "$count"
-    vdsa-result "dmatest.$name.tests" "$tests"
-    vdsa-result "dmatest.$name.failures" "$failures"
-    vdsa-result "dmatest.$name.iops" "$iops"
-    vdsa-result "dmatest.$name.kbps" "$kbs"
+    vdsa-result "$results.$name.threads" "$count"
+    vdsa-result "$results.$name.tests" "$tests"
+    vdsa-result "$results.$name.failures" "$failures"
+    vdsa-result "$results.$name.iops" "$iops"
+    vdsa-result "$results.$name.kbps" "$kbs"
     [ "$count" -eq "$threads" ] && [ "$tests" -eq $((threads * iterations)) ] &&
         [ "$failures" -eq 0 ]
     check "$name" $?
@@ -95,35 +107,39 @@ check configure $?
 accel-config enable-device dsa0 && accel-config enable-wq dsa0/wq0.0
 check enable $?
 ls /sys/class/dma/ > /tmp/dma.txt
-vdsa-result dmatest.dma_channels < /tmp/dma.txt
+vdsa-result "$results.dma_channels" < /tmp/dma.txt
 
-# Random lengths (1 to test_buf_size bytes) at random offsets, so copies are
-# unaligned and cross pages; each copy's source and destination buffers are
-# verified in full.  16 KiB is dmatest's default buffer.
+# verify: random lengths (1 to test_buf_size bytes) at random offsets, so
+# copies are unaligned and cross pages; each copy's source and destination
+# buffers are verified in full.  bench: every copy is the whole buffer, so its
+# bytes compare with a CPU memcpy of that size, and nothing else is timed.
 params=0
 : > /tmp/dmatest-params.txt
-for param in threads_per_chan="$threads" iterations="$iterations" test_buf_size=16384 \
-        timeout=3000 noverify=N norandom=N polled=N; do
+for param in threads_per_chan="$threads" iterations="$iterations" test_buf_size="$size" \
+        timeout=3000 noverify="$noverify" norandom="$norandom" polled=N; do
     echo "${param#*=}" > "$PARAMS/${param%%=*}" || params=1
     echo "${param%%=*}=$(cat "$PARAMS/${param%%=*}")" >> /tmp/dmatest-params.txt
 done
 check params $params
-vdsa-result dmatest.params < /tmp/dmatest-params.txt
+vdsa-result "$results.params" < /tmp/dmatest-params.txt
 
-run_dmatest run1
+run_dmatest "$first"
 # Threads still running hold the channel, and may never end (see run_dmatest):
 # disabling the WQ under them would only hang, so stop here.
 [ "$(cat "$PARAMS/run")" = N ] || exit 1
 
-# Only the WQ is cycled; dsa0 stays enabled.  Disabling a WQ in 6.1 clears its
-# mode, type, name and priority (not its size, which cannot change while dsa0
-# is enabled), so they are set again: `load-config` would skip the enabled dsa0.
-accel-config disable-wq dsa0/wq0.0
-check disable_wq $?
-config_wq && accel-config enable-wq dsa0/wq0.0
-check reenable_wq $?
-run_dmatest run2
-[ "$(cat "$PARAMS/run")" = N ] || exit 1
+if [ "$mode" = verify ]; then
+    # Only the WQ is cycled; dsa0 stays enabled.  Disabling a WQ in 6.1 clears
+    # its mode, type, name and priority (not its size, which cannot change
+    # while dsa0 is enabled), so they are set again: `load-config` would skip
+    # the enabled dsa0.
+    accel-config disable-wq dsa0/wq0.0
+    check disable_wq $?
+    config_wq && accel-config enable-wq dsa0/wq0.0
+    check reenable_wq $?
+    run_dmatest run2
+    [ "$(cat "$PARAMS/run")" = N ] || exit 1
+fi
 
 disable_dsa0
 check disable $?

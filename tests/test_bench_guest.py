@@ -1,0 +1,110 @@
+"""The guest benchmark's reading of a finished boot (vdsa_server/bench/guest.py, ``measure``):
+figures only from a run that did what was asked without a failure.  No QEMU needed; the boot
+itself is tests/test_boot_bench.py."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from vdsa_server.bench.guest import GuestBenchError, GuestBenchPlan, measure
+from vdsa_server.platform.launcher import GuestRun, QemuCapabilities
+
+PLAN = GuestBenchPlan(threads=2, iterations=100, size=4096, copies=1000)
+CONSOLE_LOG = Path("/logs/console.log")
+
+
+def results(changed: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """What bench.sh reports for PLAN, with ``changed`` values (None: not reported)."""
+    found = {
+        "bench.check.modprobe": "pass", "bench.check.params": "pass",
+        "bench.check.dmatest": "pass", "bench.check.memcpy": "pass",
+        "bench.params": "threads_per_chan=2\niterations=100\ntest_buf_size=4096\ntimeout=3000\n"
+                        "noverify=Y\nnorandom=Y\npolled=N",
+        "bench.dmatest.channel": "dma0chan0", "bench.dmatest.threads": "2",
+        "bench.dmatest.tests": "200", "bench.dmatest.failures": "0",
+        "bench.dmatest.iops": "2000.00", "bench.dmatest.kbps": "8000",
+        "bench.memcpy.size": "4096", "bench.memcpy.copies": "1000",
+        "bench.memcpy.bytes": "4096000", "bench.memcpy.seconds": "0.010000",
+        "bench.memcpy.iops": "100000.00", "bench.memcpy.kbps": "400000",
+    }  # fmt: skip
+    for name, value in (changed or {}).items():
+        if value is None:
+            del found[name]
+        else:
+            found[name] = value
+    return found
+
+
+def guest_run(found: dict[str, str], exit_status: int = 0) -> GuestRun:
+    return GuestRun(kernel="6.1.0-test-amd64", lines=["last line of the script"], results=found,
+                    dmesg="", exit_status=exit_status, console_log=CONSOLE_LOG, seconds=12.5,
+                    qemu=QemuCapabilities("10.2.2", True, "max", True))
+
+
+def test_a_good_run_gives_dmatest_beside_memcpy() -> None:
+    measurement = measure(guest_run(results()), PLAN)
+    assert measurement.group == "guest"
+    assert measurement.case == "dmatest memcpy 4 KiB, no verify, 2 threads"
+    assert (measurement.unit, measurement.reference) == ("MB/s", "guest CPU memcpy, 1 thread")
+    # KB/s as dmatest counts them: KB = 1024 bytes.
+    assert measurement.value == 8000 * 1024 / 1e6
+    assert measurement.reference_value == 400000 * 1024 / 1e6
+    assert measurement.extra == {
+        "iops": 2000.0, "tests": 200.0, "failures": 0.0, "reference_iops": 100000.0,
+        "reference_copies": 1000.0, "reference_seconds": 0.01,
+    }  # fmt: skip
+
+
+def test_a_size_that_is_not_whole_kib_is_named_in_bytes() -> None:
+    plan = GuestBenchPlan(threads=2, iterations=100, size=1000, copies=1000)
+    params = results()["bench.params"].replace("test_buf_size=4096", "test_buf_size=1000")
+    found = results({"bench.memcpy.size": "1000", "bench.params": params})
+    assert measure(guest_run(found), plan).case == "dmatest memcpy 1000 B, no verify, 2 threads"
+
+
+@pytest.mark.parametrize(("exit_status", "changed", "message"), [
+    (1, {}, "the script exited with status 1"),
+    (1, {"bench.check.dmatest": "fail"}, "dmatest failed"),
+    (1, {"bench.dmatest.failures": "3"}, "dmatest reported 3 failed copies"),
+    # Failures are an error even if the script did not say so.
+    (0, {"bench.dmatest.failures": "3"}, "dmatest reported 3 failed copies"),
+    (0, {"bench.check.memcpy": "fail"}, "memcpy failed"),
+])  # fmt: skip
+def test_a_failed_run_gives_no_figures(exit_status: int, changed: dict[str, str],
+                                       message: str) -> None:
+    with pytest.raises(GuestBenchError, match=re.escape(message)) as raised:
+        measure(guest_run(results(changed), exit_status), PLAN)
+    assert str(CONSOLE_LOG) in str(raised.value)
+    assert "last line of the script" in str(raised.value)
+
+
+@pytest.mark.parametrize(("changed", "message"), [
+    ({"bench.memcpy.kbps": None}, "bench.memcpy.kbps=None"),
+    ({"bench.dmatest.iops": "fast"}, "bench.dmatest.iops='fast'"),
+    ({"bench.dmatest.tests": "150"}, "dmatest tests 150.0 (expected 200)"),
+    ({"bench.dmatest.threads": "1"}, "dmatest threads 1.0 (expected 2)"),
+    ({"bench.dmatest.channel": "dma1chan0"}, "dmatest channel dma1chan0 (expected dma0chan0)"),
+    ({"bench.params": "noverify=N\nnorandom=Y\ntest_buf_size=4096"}, "dmatest noverify N"),
+    ({"bench.params": None}, "dmatest noverify None"),
+    ({"bench.memcpy.size": "8192"}, "memcpy size 8192.0 (expected 4096)"),
+    ({"bench.memcpy.copies": "10"}, "memcpy copies 10.0 (expected 1000)"),
+])  # fmt: skip
+def test_missing_or_unexpected_figures_are_an_error(changed: dict[str, str | None],
+                                                    message: str) -> None:
+    with pytest.raises(GuestBenchError, match=re.escape(message)) as raised:
+        measure(guest_run(results(changed)), PLAN)
+    assert str(CONSOLE_LOG) in str(raised.value)
+
+
+@pytest.mark.parametrize("field", ["threads", "iterations", "size", "copies"])
+def test_a_plan_needs_positive_counts(field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field} must be positive"):
+        GuestBenchPlan(**{field: 0})
+
+
+def test_the_plan_is_bench_sh_with_arguments() -> None:
+    assert PLAN.script == b"sh /vdsa/bench.sh 2 100 4096 1000\n"

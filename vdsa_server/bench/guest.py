@@ -1,0 +1,162 @@
+"""The guest benchmark: in one boot with vdsa's own server, the kernel's dmatest copies memory
+through the idxd dmaengine channel of the virtual DSA (whole-buffer copies, not verified), then the
+same guest's CPU copies buffers of the same size with memcpy (``guest-scripts/bench.sh``, which
+runs ``dmatest.sh`` in bench mode and ``native/guest/memcpy_bench.c``).
+
+Both report KB/s with dmatest's KB of 1024 bytes; the measurements are in MB/s of 10^6 bytes.
+Figures from a run that failed, lost copies or missed a result are an error, never figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from vdsa_server.bench.results import Measurement
+from vdsa_server.device.config import DeviceConfig
+from vdsa_server.log import get_logger
+from vdsa_server.paths import QEMU_CONFIGS
+from vdsa_server.platform import console
+from vdsa_server.platform.launcher import BootSpec, GuestRun, boot_with_server
+
+log = get_logger()
+
+SCRIPTS = QEMU_CONFIGS / "guest-scripts"
+# The whole boot takes about 20 s under TCG with the default plan.
+BOOT_TIMEOUT = 300.0
+# dmatest's KB (dmatest_KBs() in drivers/dma/dmatest.c divides bytes by 1024), memcpy-bench's too.
+KB = 1024
+MB = 1_000_000
+CHANNEL = "dma0chan0"
+DMATEST_FIGURES = ("threads", "tests", "failures", "iops", "kbps")
+MEMCPY_FIGURES = ("size", "copies", "bytes", "seconds", "iops", "kbps")
+LAST_LINES = 15
+
+
+class GuestBenchError(RuntimeError):
+    """The guest benchmark gave no trustworthy figures; the message says why and where the
+    console log is."""
+
+
+@dataclass(frozen=True)
+class GuestBench:
+    """One guest benchmark boot: its measurements, and the boot itself (``run.results``,
+    ``run.console_log`` in the log directory, ``run.seconds`` of wall time)."""
+
+    measurements: list[Measurement]
+    run: GuestRun
+
+
+@dataclass(frozen=True)
+class GuestBenchPlan:
+    """``threads`` dmatest threads of ``iterations`` copies, then ``copies`` CPU memcpys, all of
+    ``size`` bytes.  The defaults are bench.sh's: each half takes a few seconds under TCG."""
+
+    threads: int = 4
+    iterations: int = 2000
+    size: int = 16384
+    copies: int = 50000
+
+    def __post_init__(self) -> None:
+        bad = [name for name, value in vars(self).items() if value < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be positive: {self}")
+
+    @property
+    def script(self) -> bytes:
+        """The guest script: bench.sh with this plan."""
+        args = f"{self.threads} {self.iterations} {self.size} {self.copies}"
+        return f"sh /vdsa/bench.sh {args}\n".encode()
+
+
+async def run_guest_bench(
+    log_dir: Path, plan: GuestBenchPlan | None = None, *, config: DeviceConfig | None = None,
+    boot_timeout: float = BOOT_TIMEOUT, on_event: Callable[[console.Event], None] | None = None,
+) -> GuestBench:
+    """Boot the guest with vdsa's own server (``config``, default the default device) and run
+    ``plan`` (default :class:`GuestBenchPlan`'s): dmatest's unverified copies on the idxd channel,
+    then the CPU's memcpys.  The boot's logs (console.log, dmesg.txt, qemu-argv.json) and the
+    server's socket go to ``log_dir``; ``on_event`` sees the console's events as they come;
+    the boot may take ``boot_timeout`` seconds.  ``log_dir`` is created if needed.
+
+    Raises GuestBenchError if the guest script fails, dmatest reports failures or a figure is
+    missing, and what :func:`~vdsa_server.platform.launcher.boot` raises if the boot does.
+    """
+    plan = plan or GuestBenchPlan()
+    # The server's socket goes there before the launcher would create it.
+    await trio.Path(log_dir).mkdir(parents=True, exist_ok=True)
+    files = {name: (SCRIPTS / name).read_bytes() for name in ("bench.sh", "dmatest.sh")}
+    spec = BootSpec(script=plan.script, files=files, socket=log_dir / "vdsa.sock",
+                    log_dir=log_dir, timeout=boot_timeout)
+    log.info("bench.guest.start", threads=plan.threads, iterations=plan.iterations,
+             size=plan.size, copies=plan.copies, log_dir=str(log_dir))
+    run = await boot_with_server(spec, config or DeviceConfig(), on_event)
+    measurement = measure(run, plan)
+    log.info("bench.guest.done", dmatest_mb_s=round(measurement.value, 1),
+             memcpy_mb_s=round(measurement.reference_value, 1), boot_seconds=run.seconds,
+             console_log=str(run.console_log))
+    return GuestBench([measurement], run)
+
+
+def measure(run: GuestRun, plan: GuestBenchPlan) -> Measurement:
+    """The measurement of a finished bench boot, after checking that it did what ``plan``
+    asked without a failure."""
+    where = f"(console log: {run.console_log})"
+    problems = [f"{name.removeprefix('bench.check.')} failed" for name, value
+                in run.results.items() if name.startswith("bench.check.") and value != "pass"]
+    failures = run.results.get("bench.dmatest.failures", "0")
+    if failures != "0":
+        problems.append(f"dmatest reported {failures} failed copies")
+    if run.exit_status != 0:
+        problems.append(f"the script exited with status {run.exit_status}")
+    if problems:
+        lines = "\n".join(run.lines[-LAST_LINES:])
+        raise GuestBenchError(f"the guest bench failed: {'; '.join(problems)} {where}; "
+                              f"its last lines:\n{lines}")
+    dmatest = _figures(run, "bench.dmatest", DMATEST_FIGURES, where)
+    memcpy = _figures(run, "bench.memcpy", MEMCPY_FIGURES, where)
+    params = {key: value for key, _, value in (
+        line.partition("=") for line in run.results.get("bench.params", "").splitlines())}
+    expected: dict[str, tuple[object, object]] = {
+        "dmatest channel": (run.results.get("bench.dmatest.channel"), CHANNEL),
+        "dmatest noverify": (params.get("noverify"), "Y"),
+        "dmatest norandom": (params.get("norandom"), "Y"),
+        "dmatest buffer size": (params.get("test_buf_size"), str(plan.size)),
+        "dmatest threads": (dmatest["threads"], plan.threads),
+        "dmatest tests": (dmatest["tests"], plan.threads * plan.iterations),
+        "memcpy size": (memcpy["size"], plan.size),
+        "memcpy copies": (memcpy["copies"], plan.copies),
+    }
+    wrong = [f"{what} {got} (expected {want})" for what, (got, want) in expected.items()
+             if got != want]
+    if wrong:
+        raise GuestBenchError(f"the guest bench did not run as asked: {'; '.join(wrong)} {where}")
+    size_label = f"{plan.size // KB} KiB" if plan.size % KB == 0 else f"{plan.size} B"
+    return Measurement(
+        group="guest",
+        case=f"dmatest memcpy {size_label}, no verify, {plan.threads} threads",
+        unit="MB/s", value=dmatest["kbps"] * KB / MB,
+        reference="guest CPU memcpy, 1 thread", reference_value=memcpy["kbps"] * KB / MB,
+        extra={"iops": dmatest["iops"], "tests": dmatest["tests"],
+               "failures": dmatest["failures"], "reference_iops": memcpy["iops"],
+               "reference_copies": memcpy["copies"], "reference_seconds": memcpy["seconds"]},
+    )
+
+
+def _figures(run: GuestRun, prefix: str, names: Iterable[str], where: str) -> dict[str, float]:
+    """The numbers the guest reported as ``prefix.NAME``; any missing or not a number is an
+    error."""
+    figures: dict[str, float] = {}
+    missing = []
+    for name in names:
+        try:
+            figures[name] = float(run.results[f"{prefix}.{name}"])
+        except (KeyError, ValueError):
+            missing.append(f"{prefix}.{name}={run.results.get(f'{prefix}.{name}')!r}")
+    if missing:
+        raise GuestBenchError(f"the guest bench reported no number for {', '.join(missing)} "
+                              f"{where}")
+    return figures
