@@ -34,6 +34,13 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug-level logs")
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdsa", description=__doc__)
     _add_logging(parser)
@@ -73,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "qemu-configs/devices/default.toml's values)")
     serve.add_argument("--once", action="store_true",
                        help="exit when the first client disconnects")
+
+    bench = sub.add_parser("bench", help="measure vdsa against the host's own speed for the "
+                           "same work, through the vfio-user protocol (no QEMU); with --guest "
+                           "also in a booted guest")
+    bench.add_argument("--json", type=Path, help="write the machine, versions and every figure "
+                       "and ratio to this JSON file")
+    bench.add_argument("--plot", type=Path, help="write a PNG chart of the ratios to this file")
+    bench.add_argument("--seconds", type=_positive, default=1.0,
+                       help="measuring time of each case and of each reference (default 1)")
+    bench.add_argument("--guest", action="store_true",
+                       help="also boot a guest: dmatest (no verify) on the idxd channel next to "
+                       "the guest's CPU memcpy")
+    bench.add_argument("--log-dir", type=Path, help="where the server's and the guest's logs go")
 
     demo = sub.add_parser("demo", help="the main job: serve a virtual DSA, boot a guest that "
                           "checks the platform, configures the DSA with the stock driver and "
@@ -207,9 +227,44 @@ def _demo(args: argparse.Namespace) -> int:
     return run.exit_status
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Every harness benchmark, and with --guest the guest's, as a table, JSON and a chart."""
+    from vdsa_server.bench.guest import run_guest_bench
+    from vdsa_server.bench.harness import BenchPlan, run_harness
+    from vdsa_server.bench.report import machine, report, table, versions, write_json, write_plot
+    from vdsa_server.engine.native import load_engine
+    from vdsa_server.platform.libvfio_user_build import libvfio_user_artifact
+
+    log_dir = _log_dir(args.log_dir, "vdsa-bench-")
+    host = machine()
+    extra_versions = {"engine": str(load_engine().path),
+                      "libvfio-user": str(libvfio_user_artifact().path)}
+    measurements = trio.run(run_harness, log_dir, BenchPlan(args.seconds))
+    if args.guest:
+        guest = trio.run(run_guest_bench, log_dir / "guest")
+        measurements += guest.measurements
+        extra_versions |= {"qemu": guest.run.qemu.version,
+                           "guest_kernel": guest.run.kernel or "unknown"}
+    found_versions = versions(extra_versions)
+    document = report(measurements, {
+        "machine": host, "versions": found_versions, "log_dir": str(log_dir),
+        "plan": {"seconds": args.seconds, "guest": args.guest}})
+    print(table(measurements))
+    if args.json:
+        write_json(args.json, document)
+        print(f"figures: {args.json}", file=sys.stderr)
+    if args.plot:
+        write_plot(args.plot, measurements, f"vdsa {found_versions['git'][:12]} on "
+                   f"{host['cpu']} ({host['cpus']} CPUs)")
+        print(f"chart: {args.plot}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     vdsa_log.configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    from vdsa_server.bench.guest import GuestBenchError
+    from vdsa_server.bench.harness import BenchError
     from vdsa_server.device.config import ConfigError
     from vdsa_server.platform.guest_image import GuestImageMissing
     from vdsa_server.platform.launcher import LaunchError
@@ -218,13 +273,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vdsa_server.transport.socket_path import SocketPathTaken
 
     expected = (LaunchError, BuildError, GuestImageMissing, SampleServerError, SocketPathTaken,
-                ConfigError, LibraryError, OSError)
+                ConfigError, LibraryError, OSError, BenchError, GuestBenchError)
     try:
         if args.command == "build":
             trio.run(_build, args.what, args.force)
             return 0
         if args.command == "demo":
             return _demo(args)
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "serve":
             return _serve(args)
         return _boot(args)
