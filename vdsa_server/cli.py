@@ -230,7 +230,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     """Every harness benchmark, and with --guest the guest's, as a table, JSON and a chart."""
     from vdsa_server.bench.guest import run_guest_bench
-    from vdsa_server.bench.harness import BenchPlan, run_harness
+    from vdsa_server.bench.harness import BenchPlan, notes, run_harness
     from vdsa_server.bench.report import machine, report, table, versions, write_json, write_plot
     from vdsa_server.engine.native import load_engine
     from vdsa_server.platform.libvfio_user_build import libvfio_user_artifact
@@ -246,10 +246,12 @@ def _bench(args: argparse.Namespace) -> int:
         extra_versions |= {"qemu": guest.run.qemu.version,
                            "guest_kernel": guest.run.kernel or "unknown"}
     found_versions = versions(extra_versions)
+    meaning = notes(host["cpus"] or 1)
     document = report(measurements, {
         "machine": host, "versions": found_versions, "log_dir": str(log_dir),
-        "plan": {"seconds": args.seconds, "guest": args.guest}})
+        "plan": {"seconds": args.seconds, "guest": args.guest}, "notes": meaning})
     print(table(measurements))
+    print("\n" + "\n".join(f"- {note}" for note in meaning))
     if args.json:
         write_json(args.json, document)
         print(f"figures: {args.json}", file=sys.stderr)

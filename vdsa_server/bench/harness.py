@@ -458,6 +458,25 @@ async def scaling_cases(bench: Bench, sizes: Sequence[int]) -> list[Measurement]
     return measurements
 
 
+def notes(cpus: int) -> list[str]:
+    """What the figures mean on this machine, printed and stored with them."""
+    parallel_engines = max(cpus - 2, 0)
+    return [
+        "Each descriptor reaches the server as eight vfio-user messages, one for each 8-byte "
+        "store of the guest's MOVDIR64B, as QEMU sends them: small transfers measure that "
+        "path, large ones the engine's copy.",
+        "client_cpu_us_per_op and server_cpu_us_per_op in the JSON split each descriptor's CPU "
+        "time between the harness client (Python, standing in for QEMU) and `vdsa serve`.",
+        f"This machine has {cpus} CPU{'s' * (cpus > 1)}. The harness client, the server's "
+        f"vfio-user thread and one thread per engine share them, so at most "
+        f"{parallel_engines} engine thread{'s' * (parallel_engines != 1)} can run beside the "
+        f"two message threads: the 2- and 4-WQ figures show how the threads share "
+        f"{cpus} CPU{'s' * (cpus > 1)}, not how DSA engines scale.",
+        "Polling latency spins the client on a CPU; interrupt latency sleeps until the "
+        "MSI-X eventfd fires.",
+    ]
+
+
 # --- The server and the run ---------------------------------------------------------------------
 
 

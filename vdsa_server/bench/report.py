@@ -92,9 +92,9 @@ def _ratio(m: Measurement) -> str:
 
 
 def table(measurements: Sequence[Measurement]) -> str:
-    """One line a measurement: case, figure, operations per second when known, reference and
-    ratio; a blank line between groups."""
-    header = ("case", "figure", "ops/s", "reference", "ratio")
+    """One line a measurement: case, figure, operations per second and server CPU time per
+    operation when known, reference and ratio; a blank line between groups."""
+    header = ("case", "figure", "ops/s", "server CPU/op", "reference", "ratio")
     rows: list[tuple[str, ...]] = []
     group = None
     for m in measurements:
@@ -102,8 +102,10 @@ def table(measurements: Sequence[Measurement]) -> str:
             rows.append(("",) * len(header))
         group = m.group
         ops = m.extra.get("ops_per_s")
+        cpu = m.extra.get("server_cpu_us_per_op")
         rows.append((m.case, f"{_figure(m.value)} {m.unit}",
                      _figure(ops) if ops is not None else "",
+                     f"{_figure(cpu)} us" if cpu is not None else "",
                      f"{_figure(m.reference_value)} {m.unit} {m.reference}", _ratio(m)))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
