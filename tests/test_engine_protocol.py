@@ -28,6 +28,7 @@ from vdsa_server.client.driver import (
     RECORD_SIZE,
     SLOTS_PER_PORTAL,
     DsaDriver,
+    make_descriptor,
     vector_of,
 )
 from vdsa_server.client.protocol import DmaMapFlag, IrqSetFlag
@@ -113,16 +114,7 @@ def descriptor(opcode: int, flags: int = NOTIFY, *, record: int = RECORD,
                vector: int = VECTOR, **fields: int) -> bytes:
     """A descriptor for ``opcode``; by default it asks for a record at ``record`` and an
     interrupt on ``vector``. ``fields`` are ``DsaHwDesc`` field names."""
-    desc = DsaHwDesc()
-    desc.opcode = opcode
-    desc.flags = flags
-    if flags & F.CRAV:
-        desc.completion_addr = record
-    if flags & F.RCI:
-        desc.int_handle = vector
-    for name, value in fields.items():
-        setattr(desc, name, value)
-    return bytes(desc)
+    return make_descriptor(opcode, flags, record=record, vector=vector, **fields)
 
 
 def big_memmove(dst: int, flags: int = 0, record: int = 0) -> bytes:

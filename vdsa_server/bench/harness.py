@@ -25,11 +25,10 @@ import trio
 from vdsa_server.bench.hostref import HostOp, HostReference
 from vdsa_server.bench.results import Measurement
 from vdsa_server.client import GuestMemory, VfioUserClient
-from vdsa_server.client.driver import RECORD_SIZE, DsaDriver, vector_of
+from vdsa_server.client.driver import RECORD_SIZE, DsaDriver, make_descriptor, vector_of
 from vdsa_server.device.descriptors import (
     DsaCompletionRecord,
     DsaCompStatus,
-    DsaHwDesc,
     DsaOpcode,
     IdxdOpFlag,
 )
@@ -93,19 +92,6 @@ def protected_size(size: int) -> int:
     return size // DIF_BLOCK * (DIF_BLOCK + DIF_SIZE)
 
 
-def _descriptor(opcode: DsaOpcode, record: int, vector: int, flags: int = NOTIFY,
-                **fields: int) -> bytes:
-    desc = DsaHwDesc()
-    desc.opcode = opcode
-    desc.flags = flags
-    desc.completion_addr = record
-    if flags & IdxdOpFlag.RCI:
-        desc.int_handle = vector
-    for name, value in fields.items():
-        setattr(desc, name, value)
-    return bytes(desc)
-
-
 def _expect_success(record: DsaCompletionRecord) -> None:
     if record.status != DsaCompStatus.SUCCESS:
         raise BenchError(f"completion status {record.status:#x}, not success "
@@ -124,7 +110,7 @@ class Work:
     check: Callable[[DsaCompletionRecord], None] = _expect_success
 
     def descriptor(self, record: int, vector: int, flags: int = NOTIFY) -> bytes:
-        return _descriptor(self.opcode, record, vector, flags, **self.fields)
+        return make_descriptor(self.opcode, flags, record=record, vector=vector, **self.fields)
 
 
 @dataclass
@@ -351,8 +337,8 @@ async def operation_cases(bench: Bench, sizes: Sequence[int]) -> list[Measuremen
 async def batch_case(bench: Bench) -> Measurement:
     """One batch of 32 x 4 KiB memmoves against the same 32 as single descriptors."""
     entries = b"".join(
-        _descriptor(DsaOpcode.MEMMOVE, 0, 0, 0, src_addr=SRC + i * BATCH_UNIT,
-                    dst_addr=dest(0) + i * BATCH_UNIT, xfer_size=BATCH_UNIT)
+        make_descriptor(DsaOpcode.MEMMOVE, 0, src_addr=SRC + i * BATCH_UNIT,
+                        dst_addr=dest(0) + i * BATCH_UNIT, xfer_size=BATCH_UNIT)
         for i in range(BATCH_SIZE))
     for slot in range(BATCH_WINDOW):
         bench.memory.write(LISTS + slot * len(entries), entries)
@@ -361,8 +347,9 @@ async def batch_case(bench: Bench) -> Measurement:
 
     def make_batch(record: int, vector: int) -> bytes:
         slot = next(slots) % BATCH_WINDOW
-        return _descriptor(DsaOpcode.BATCH, record, vector,
-                           desc_list_addr=LISTS + slot * len(entries), desc_count=BATCH_SIZE)
+        return make_descriptor(DsaOpcode.BATCH, NOTIFY, record=record, vector=vector,
+                               desc_list_addr=LISTS + slot * len(entries),
+                               desc_count=BATCH_SIZE)
 
     def check_batch(record: DsaCompletionRecord) -> None:
         _expect_success(record)

@@ -9,7 +9,7 @@ import itertools
 import trio
 
 from vdsa_server.client.client import GuestMemory, IrqEventfd, VfioUserClient
-from vdsa_server.device.descriptors import DsaCompletionRecord
+from vdsa_server.device.descriptors import DsaCompletionRecord, DsaHwDesc, IdxdOpFlag
 from vdsa_server.device.pci import PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, Bar
 from vdsa_server.device.registers import (
     GRPCFG_SIZE,
@@ -45,6 +45,22 @@ GRPCFG_ENGINES = 32
 
 class DriverError(Exception):
     """The device did not do what the driver asked of it."""
+
+
+def make_descriptor(opcode: int, flags: int, *, record: int = 0, vector: int = 0,
+                    **fields: int) -> bytes:
+    """A descriptor: ``record`` as its completion record address if ``flags`` has CRAV,
+    ``vector`` as its interrupt handle if RCI, and ``fields`` by ``DsaHwDesc`` field name."""
+    desc = DsaHwDesc()
+    desc.opcode = opcode
+    desc.flags = flags
+    if flags & IdxdOpFlag.CRAV:
+        desc.completion_addr = record
+    if flags & IdxdOpFlag.RCI:
+        desc.int_handle = vector
+    for name, value in fields.items():
+        setattr(desc, name, value)
+    return bytes(desc)
 
 
 def vector_of(wq: int) -> int:
