@@ -415,28 +415,34 @@ def _spin_until_complete(driver: DsaDriver, record: int) -> None:
             raise BenchError(f"no completion record within {driver.wait_limit} s")
 
 
+async def _streams(bench: Bench, work: Sequence[Work]) -> StreamResult:
+    """``work[n]`` streamed on WQ n, all at once, as one result. The CPU clocks are the
+    processes' (every stream's reading covers all of them over about the same window),
+    so the streams' readings are averaged, not added."""
+    results: list[StreamResult] = []
+
+    async def run(wq: int) -> None:
+        results.append(await bench.throughput(work[wq], wq))
+
+    async with trio.open_nursery() as nursery:
+        for wq in range(len(work)):
+            nursery.start_soon(run, wq)
+    return StreamResult(sum(r.completed for r in results), max(r.seconds for r in results),
+                        statistics.fmean(r.client_cpu for r in results),
+                        statistics.fmean(r.server_cpu for r in results))
+
+
 async def scaling_cases(bench: Bench, sizes: Sequence[int]) -> list[Measurement]:
     """The same memmove stream on 1, 2 and 4 WQs at once, each WQ with an engine of its own;
     the reference is the one-WQ figure."""
     measurements = []
     for size in sizes:
-        work = {wq: Work(DsaOpcode.MEMMOVE, size,
-                         {"src_addr": SRC, "dst_addr": dest(wq), "xfer_size": size})
-                for wq in range(WQS)}
+        work = [Work(DsaOpcode.MEMMOVE, size,
+                     {"src_addr": SRC, "dst_addr": dest(wq), "xfer_size": size})
+                for wq in range(WQS)]
         single_ops = 0.0
         for count in SCALING_WQS:
-            results: list[StreamResult] = []
-
-            async def run(wq: int) -> None:
-                results.append(await bench.throughput(work[wq], wq))  # noqa: B023
-
-            async with trio.open_nursery() as nursery:
-                for wq in range(count):
-                    nursery.start_soon(run, wq)
-            total = StreamResult(
-                sum(r.completed for r in results), max(r.seconds for r in results),
-                sum(r.client_cpu for r in results) / count,
-                sum(r.server_cpu for r in results) / count)
+            total = await _streams(bench, work[:count])
             ops = total.completed / total.seconds
             single_ops = single_ops or ops
             measurements.append(_rate_measurement(
