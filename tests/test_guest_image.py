@@ -153,7 +153,7 @@ def test_cache_key_follows_every_input(tmp_path: Path, monkeypatch: pytest.Monke
     with (host.guest_files / "init").open("a") as f:
         f.write("# changed\n")
     assert_new_key()
-    for source in GUEST_PROGRAMS.values():
+    for source in (*GUEST_PROGRAMS.values(), "guest_program.h"):
         (host.native / source).write_text("/* changed */\n")
         assert_new_key()
     monkeypatch.setattr(guest_image, "FORMAT_VERSION", "test")
@@ -248,6 +248,29 @@ def test_memcpy_bench_refuses_bad_arguments(memcpy_bench: Path, args: list[str])
     done = subprocess.run([memcpy_bench, *args], capture_output=True, text=True)
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.startswith(("usage: memcpy-bench", "memcpy-bench: "))
+
+
+@pytest.fixture(scope="module")
+def portal_race(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_guest_program("portal-race", tmp_path_factory.mktemp("portal-race"))
+
+
+@pytest.mark.parametrize("args", [[], ["10", "1"], ["0"], ["-1"], [" 10"], ["10x"]])
+def test_portal_race_refuses_bad_arguments(portal_race: Path, args: list[str]) -> None:
+    done = subprocess.run([portal_race, *args], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(("usage: portal-race", "portal-race: "))
+
+
+def test_portal_race_needs_a_dsa_function(portal_race: Path) -> None:
+    devices = Path("/sys/bus/pci/devices")
+    ids = {((d / "vendor").read_text().strip(), (d / "device").read_text().strip())
+           for d in devices.iterdir()}
+    if ("0x8086", "0x0b25") in ids:
+        pytest.skip("this host has a DSA function")
+    done = subprocess.run([portal_race, "10"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (3, "")
+    assert done.stderr == f"portal-race: no 8086:0b25 function in {devices}\n"
 
 
 def test_built_image_contents(tmp_path: Path) -> None:

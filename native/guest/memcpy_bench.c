@@ -13,42 +13,16 @@
  *            the bytes by 1024), whole KB/s as dmatest prints them
  * Exit status: 0 done, 1 the copy or the clock failed, 2 bad arguments.
  */
-#include <ctype.h>
-#include <errno.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+
+#define PROGRAM "memcpy-bench"
+#include "guest_program.h"
 
 /* Page-aligned buffers, as dmatest's kmalloc'ed 16 KiB ones are. */
 #define BUFFER_ALIGN 4096
-
-static int parse_count(const char *text, const char *what, unsigned long long *out)
-{
-	char *end;
-
-	/* strtoull alone would take a sign or leading blanks, and wrap "-1". */
-	if (isdigit((unsigned char)text[0])) {
-		errno = 0;
-		*out = strtoull(text, &end, 10);
-		if (!errno && !*end && *out > 0)
-			return 1;
-	}
-	fprintf(stderr, "memcpy-bench: %s must be a positive integer, not '%s'\n", what, text);
-	return 0;
-}
-
-static double now(void)
-{
-	struct timespec ts;
-
-	if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) {
-		perror("memcpy-bench: clock_gettime");
-		exit(1);
-	}
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 int main(int argc, char **argv)
 {

@@ -5,7 +5,8 @@ console, then powers off.
 Built once per machine into the cache (``vdsa build guest``). The initramfs
 holds busybox, accel-config with its libraries, the idxd modules and their
 dependencies, an out-of-tree dmatest.ko (Debian's kernel lacks it), the
-static programs of ``native/guest/`` (``movdir64b-test``, ``memcpy-bench``)
+static programs of ``native/guest/`` (``movdir64b-test``, ``memcpy-bench``,
+``portal-race``)
 and the two scripts of ``guest_files/``.
 
 The console contract of ``guest_files/init``: every machine-readable line is
@@ -52,7 +53,11 @@ VERSIONED_PACKAGES = ("busybox-static", "accel-config", "libaccel-config1")
 BUSYBOX = Path("/bin/busybox")
 ACCEL_CONFIG = Path("/usr/bin/accel-config")
 # The image's /usr/bin programs built from native/guest/, with their sources.
-GUEST_PROGRAMS = {"movdir64b-test": "movdir64b_test.c", "memcpy-bench": "memcpy_bench.c"}
+GUEST_PROGRAMS = {
+    "movdir64b-test": "movdir64b_test.c",
+    "memcpy-bench": "memcpy_bench.c",
+    "portal-race": "portal_race.c",
+}
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 GUEST_FILES = PACKAGE_DIR / "guest_files"
