@@ -12,7 +12,11 @@
 #                     enabled; results are named dmatest.*;
 #   bench             one run of whole-buffer copies (norandom) that are not
 #                     verified (noverify), for throughput (bench.sh); results
-#                     are named bench.*.
+#                     are named bench.*;
+#   setup             only loads the modules, configures dsa0 and wq0.0 and
+#                     enables them, and leaves them enabled for another
+#                     program's descriptors (portal-race.sh); results are
+#                     named setup.*.
 threads=${1:-4}
 iterations=${2:-1000}
 mode=${3:-verify}
@@ -20,7 +24,8 @@ size=${4:-16384}
 case $mode in
     verify) results=dmatest noverify=N norandom=N first=run1 ;;
     bench) results=bench noverify=Y norandom=Y first=dmatest ;;
-    *) echo "dmatest.sh: unknown mode '$mode' (verify or bench)"; exit 2 ;;
+    setup) results=setup ;;
+    *) echo "dmatest.sh: unknown mode '$mode' (verify, bench or setup)"; exit 2 ;;
 esac
 failed=0
 check() {  # check NAME STATUS
@@ -108,6 +113,7 @@ accel-config enable-device dsa0 && accel-config enable-wq dsa0/wq0.0
 check enable $?
 ls /sys/class/dma/ > /tmp/dma.txt
 vdsa-result "$results.dma_channels" < /tmp/dma.txt
+[ "$mode" = setup ] && exit $failed
 
 # verify: random lengths (1 to test_buf_size bytes) at random offsets, so
 # copies are unaligned and cross pages; each copy's source and destination
