@@ -213,3 +213,10 @@ def test_bench_refuses_a_non_positive_duration() -> None:
                           capture_output=True, text=True, check=False, env=vdsa_env())
     assert done.returncode == 2
     assert "not a positive number" in done.stderr
+
+
+def test_git_revision_without_git_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vdsa_server.bench import report
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert report.git_revision() == "unknown"

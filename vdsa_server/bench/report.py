@@ -46,8 +46,11 @@ def machine() -> dict[str, Any]:
 def git_revision() -> str:
     """HEAD of the checkout, with ``-dirty`` when the tree has uncommitted changes."""
     def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True,
-                              text=True, check=False)
+        try:
+            done = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True,
+                                  text=True, check=False)
+        except FileNotFoundError:  # no git: the figures still count, without a revision
+            return ""
         return done.stdout.strip() if done.returncode == 0 else ""
 
     revision = git("rev-parse", "HEAD") or "unknown"
