@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import struct
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import trio
 
 from tests.conftest import vdsa_env
+from vdsa_server.bench.harness import serving
 from vdsa_server.client import GuestMemory, PciIrq, VfioUserClient
 from vdsa_server.client.driver import (
     DESCRIPTOR_SIZE,
@@ -234,21 +234,8 @@ async def server_thread(socket: Path, config: DeviceConfig) -> AsyncIterator[Vds
 async def server_process(socket: Path, log: Path) -> AsyncIterator[trio.Process]:
     """`vdsa serve` in a process of its own, with the session's engine, for tests that could
     crash the server: they report it instead of taking pytest down. Its log goes to ``log``."""
-    with log.open("w") as log_file:
-        async with trio.open_nursery() as nursery:
-            process: trio.Process = await nursery.start(partial(
-                trio.run_process, [sys.executable, "-m", "vdsa_server", "serve", "--socket",
-                                   str(socket)], check=False, stderr=log_file, env=vdsa_env()))
-            try:
-                # Python, the engine and the sanitizers load first: allow for a slow start.
-                with trio.fail_after(30):
-                    while not await trio.Path(socket).exists():
-                        assert process.returncode is None, await server_log(log)
-                        await trio.sleep(0.01)
-                yield process
-            finally:
-                # run_process, cancelled, ends the server: SIGTERM, SIGKILL after 5 s.
-                nursery.cancel_scope.cancel()
+    async with serving(socket, log, env=vdsa_env()) as process:
+        yield process
 
 
 async def server_log(log: Path) -> str:

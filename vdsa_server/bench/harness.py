@@ -15,7 +15,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -67,6 +67,8 @@ LATENCY_SIZE = 64
 NOTIFY = IdxdOpFlag.CRAV | IdxdOpFlag.RCR | IdxdOpFlag.RCI
 POLLED = IdxdOpFlag.CRAV | IdxdOpFlag.RCR
 SERVER_START = 30.0  # seconds for `vdsa serve` to listen (Python, the engine, sanitizers)
+LOG_TAIL = 3000  # characters of a failed server's log in the error
+ZERO_RECORD = bytes(RECORD_SIZE)
 
 
 class BenchError(Exception):
@@ -186,7 +188,7 @@ class Bench:
             open_for_more = time.perf_counter() < deadline
             while open_for_more and submitted - completed < window:
                 record = records + submitted % window * RECORD_SIZE
-                self.memory.write(record, bytes(RECORD_SIZE))
+                self.memory.write(record, ZERO_RECORD)
                 await driver.submit(make(record, vector), wq)
                 submitted += 1
             if completed == submitted:
@@ -383,7 +385,7 @@ async def latency_cases(bench: Bench) -> list[Measurement]:
         deadline = time.perf_counter() + bench.plan.seconds
         warm_until = time.perf_counter() + bench.plan.warm_up
         while time.perf_counter() < deadline or len(samples) < 2:
-            memory.write(record, bytes(RECORD_SIZE))
+            memory.write(record, ZERO_RECORD)
             # A signal left from earlier work (a completion reaped before its interrupt came)
             # must not count as this one's; one that comes late anyway is waited past.
             driver.vectors[vector].poll()
@@ -474,21 +476,25 @@ def notes(cpus: int) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def serving(socket: Path, log_file: Path) -> AsyncIterator[trio.Process]:
-    """``vdsa serve`` in its own process, as it runs beside QEMU; its log goes to ``log_file``."""
+async def serving(socket: Path, log_file: Path, env: Mapping[str, str] | None = None
+                  ) -> AsyncIterator[trio.Process]:
+    """``vdsa serve`` in its own process (environment ``env``, default this one's), as it runs
+    beside QEMU; its log goes to ``log_file``. Leaving ends it: SIGTERM, SIGKILL after 5 s."""
     with log_file.open("w") as log_stream:
         async with trio.open_nursery() as nursery:
             process: trio.Process = await nursery.start(partial(
                 trio.run_process,
                 [sys.executable, "-m", "vdsa_server", "serve", "--socket", str(socket)],
-                check=False, stderr=log_stream))
-            with trio.fail_after(SERVER_START):
-                while not await trio.Path(socket).exists():
-                    if process.returncode is not None:
-                        raise BenchError(f"vdsa serve exited with {process.returncode}; "
-                                         f"its log: {log_file}")
-                    await trio.sleep(0.01)
+                check=False, stderr=log_stream, env=env))
             try:
+                # Python, the engine (and sanitizers, in tests) load first: a slow start.
+                with trio.fail_after(SERVER_START):
+                    while not await trio.Path(socket).exists():
+                        if process.returncode is not None:
+                            tail = (await trio.Path(log_file).read_text())[-LOG_TAIL:]
+                            raise BenchError(f"vdsa serve exited with {process.returncode}; "
+                                             f"the end of its log ({log_file}):\n{tail}")
+                        await trio.sleep(0.01)
                 yield process
             finally:
                 nursery.cancel_scope.cancel()
