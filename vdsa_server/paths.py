@@ -7,6 +7,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QEMU_CONFIGS = REPO_ROOT / "qemu-configs"
 QEMU_PATCHES = QEMU_CONFIGS / "patches"
+LIBVFIO_USER_PATCHES = QEMU_PATCHES / "libvfio-user"
 NATIVE = REPO_ROOT / "native"
 
 

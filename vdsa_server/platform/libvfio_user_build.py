@@ -1,6 +1,8 @@
 """libvfio-user as a shared library, from subprojects/libvfio-user of the same
-QEMU source package (it is packaged nowhere else).  The sample servers are kept
-too: gpio-pci-idio-16 proves the vfio-user path before our own device exists.
+QEMU source package (it is packaged nowhere else), with
+qemu-configs/patches/libvfio-user/*.patch applied (their reasons are in each
+patch's message).  The sample servers are kept too: gpio-pci-idio-16 proves the
+vfio-user path before our own device exists.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ import shutil
 from pathlib import Path
 
 from vdsa_server.log import get_logger
-from vdsa_server.platform.cache import Artifact, artifact
+from vdsa_server.paths import LIBVFIO_USER_PATCHES, require_checkout
+from vdsa_server.platform.cache import Artifact, artifact, tree_digest
 from vdsa_server.platform.qemu_build import (
     BUILD_TOOLS,
     QEMU_SOURCE_VERSION,
@@ -26,11 +29,17 @@ SONAME = "libvfio-user.so.0"
 SAMPLES = ("gpio-pci-idio-16", "server")
 
 
+def patches() -> list[Path]:
+    require_checkout()
+    return sorted(LIBVFIO_USER_PATCHES.glob("*.patch"))
+
+
 def libvfio_user_artifact() -> Artifact:
     return artifact(
         "libvfio-user",
         {
             "qemu-source": QEMU_SOURCE_VERSION,
+            "patches": tree_digest(patches()),
             "meson-options": " ".join(MESON_OPTIONS),
             "tools": " ".join(BUILD_TOOLS),
         },
@@ -52,10 +61,17 @@ async def build_libvfio_user(*, force: bool = False) -> Path:
     source = await ensure_qemu_source()
     with target.building() as scratch:
         logs = scratch / "build.log"
+        tree = scratch / "src"
         build_dir = scratch / "build"
+        # A private copy: the patches never touch the shared source tree.
+        await run_step("libvfio-user.copy-source",
+                       ["cp", "-a", source.tree / "subprojects/libvfio-user", tree], log_file=logs)
+        for patch in patches():
+            await run_step(f"libvfio-user.patch.{patch.name}",
+                           ["patch", "-p1", "--forward", "-i", patch], cwd=tree, log_file=logs)
         await run_step("libvfio-user.meson",
-                       [python, "-m", "mesonbuild.mesonmain", "setup", build_dir,
-                        source.tree / "subprojects/libvfio-user", *MESON_OPTIONS],
+                       [python, "-m", "mesonbuild.mesonmain", "setup", build_dir, tree,
+                        *MESON_OPTIONS],
                        log_file=logs)
         await run_step("libvfio-user.ninja", ["ninja", "-C", build_dir], log_file=logs,
                        progress=NINJA_PROGRESS)
@@ -64,10 +80,11 @@ async def build_libvfio_user(*, force: bool = False) -> Path:
         for built in (build_dir / "lib").glob("libvfio-user.so*"):
             if built.is_file() or built.is_symlink():
                 shutil.copy2(built, lib / built.name, follow_symlinks=False)
-        shutil.copytree(source.tree / "subprojects/libvfio-user/include", scratch / "include")
+        shutil.copytree(tree / "include", scratch / "include")
         (scratch / "bin").mkdir()
         for sample in SAMPLES:
             shutil.copy2(build_dir / "samples" / sample, scratch / "bin" / sample)
         shutil.rmtree(build_dir)
+        shutil.rmtree(tree)
     log.info("libvfio_user.build.done", path=str(target.path))
     return target.path

@@ -1,0 +1,123 @@
+"""Peers that try to end, wedge or trick the server: each must leave it serving the next
+client.  The first two triggers were found by hand and by fuzzing: with libvfio-user as
+shipped, each made `vdsa serve` exit (EBADF on a socket that a reset had closed)."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.test_server import PCI_VENDOR_ID, client_when_free, running_server
+from vdsa_server.client.protocol import (
+    HEADER_SIZE,
+    Command,
+    Header,
+    MessageType,
+    encode_message,
+    encode_region_access,
+    encode_version,
+)
+from vdsa_server.transport.server import VdsaServer
+
+CONFIG_REGION = 7
+NO_SUCH_REGION = 99
+ROUNDS = 3  # each trigger is repeated: one survival could be luck of timing
+WAIT = 10.0
+
+
+async def _receive_exactly(peer: trio.socket.SocketType, length: int) -> bytes:
+    data = b""
+    while len(data) < length:
+        chunk = await peer.recv(length - len(data))
+        assert chunk, "the server closed the connection during the handshake"
+        data += chunk
+    return data
+
+
+@asynccontextmanager
+async def handshaken_peer(path: Path) -> AsyncIterator[trio.socket.SocketType]:
+    """A raw connection past VERSION, closed on leaving (without reading anything more)."""
+    peer = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with peer:
+        await peer.connect(str(path))
+        await peer.send(encode_message(0, Command.VERSION, encode_version(0, 1, {})))
+        header = Header.decode(await _receive_exactly(peer, HEADER_SIZE))
+        await _receive_exactly(peer, header.size - HEADER_SIZE)
+        assert not header.is_error
+        yield peer
+
+
+async def still_serves(path: Path, server: VdsaServer, before: int) -> None:
+    """The server took the hostile peer and then a good client, ``before`` being its count of
+    connections before the peer."""
+    with trio.fail_after(WAIT):
+        async with client_when_free(path) as client:
+            assert await client.config_read(PCI_VENDOR_ID, 2) == 0x8086
+    assert server.connections == before + 2
+
+
+def refused_message(kind: str, msg_id: int) -> bytes:
+    """A message that gets an error reply: refused by its header (before any handler runs),
+    or by the command's handler."""
+    if kind == "reply-type":
+        return Header(msg_id, Command.DEVICE_GET_INFO, HEADER_SIZE + 16,
+                      flags=MessageType.REPLY).encode() + bytes(16)
+    if kind == "no-payload":
+        return Header(msg_id, Command.DEVICE_GET_INFO, HEADER_SIZE).encode()
+    return encode_message(msg_id, Command.REGION_READ,
+                          encode_region_access(NO_SUCH_REGION, 0, 4))
+
+
+@pytest.mark.parametrize("kind", ["reply-type", "no-payload", "no-such-region"])
+@pytest.mark.parametrize("messages", [1, 2, 3, 5])
+async def test_hang_up_on_unread_error_replies(tmp_path: Path, kind: str, messages: int) -> None:
+    sock = tmp_path / "dsa.sock"
+    async with running_server(sock) as server:
+        for _ in range(ROUNDS):
+            before = server.connections
+            async with handshaken_peer(sock) as peer:
+                await peer.send(b"".join(refused_message(kind, msg_id)
+                                         for msg_id in range(1, messages + 1)))
+            await still_serves(sock, server, before)
+
+
+@pytest.mark.parametrize("sent", [0, 4, 15])
+async def test_hang_up_inside_a_message_body(tmp_path: Path, sent: int) -> None:
+    """The header announces a 16-byte body; ``sent`` bytes of it come, then the hang-up."""
+    sock = tmp_path / "dsa.sock"
+    message = encode_message(1, Command.REGION_READ, encode_region_access(CONFIG_REGION, 0, 4))
+    async with running_server(sock) as server:
+        for _ in range(ROUNDS):
+            before = server.connections
+            async with handshaken_peer(sock) as peer:
+                await peer.send(message[:HEADER_SIZE + sent])
+            await still_serves(sock, server, before)
+
+
+async def test_hang_up_after_good_messages_with_unread_replies(tmp_path: Path) -> None:
+    sock = tmp_path / "dsa.sock"
+    message = encode_message(1, Command.REGION_READ, encode_region_access(CONFIG_REGION, 0, 4))
+    async with running_server(sock) as server:
+        for _ in range(ROUNDS):
+            before = server.connections
+            async with handshaken_peer(sock) as peer:
+                await peer.send(message * 20)
+            await still_serves(sock, server, before)
+
+
+async def test_zero_byte_region_access_is_refused(tmp_path: Path) -> None:
+    """Every REGION_READ reply echoes the access before its data; one of 0 bytes has nothing
+    to move and is an error, not an empty success."""
+    sock = tmp_path / "dsa.sock"
+    async with running_server(sock), client_when_free(sock) as client:
+        for command in (Command.REGION_READ, Command.REGION_WRITE):
+            reply = await client.send_raw(command, encode_region_access(CONFIG_REGION, 0, 0))
+            assert reply is not None and reply.header.is_error
+            assert reply.header.error == errno.EINVAL
+        assert await client.config_read(PCI_VENDOR_ID, 2) == 0x8086
