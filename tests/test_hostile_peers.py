@@ -118,6 +118,7 @@ async def test_zero_byte_region_access_is_refused(tmp_path: Path) -> None:
     async with running_server(sock), client_when_free(sock) as client:
         for command in (Command.REGION_READ, Command.REGION_WRITE):
             reply = await client.send_raw(command, encode_region_access(CONFIG_REGION, 0, 0))
-            assert reply is not None and reply.header.is_error
+            assert reply is not None
+            assert reply.header.is_error
             assert reply.header.error == errno.EINVAL
         assert await client.config_read(PCI_VENDOR_ID, 2) == 0x8086
