@@ -41,6 +41,34 @@ def _positive(text: str) -> float:
     return value
 
 
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not an octal mode") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text} is not a mode between 0 and 0777")
+    return mode
+
+
+def _user(text: str) -> int:
+    from vdsa_server.transport.access import user_id
+
+    try:
+        return user_id(text)
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no user {text!r}") from None
+
+
+def _group(text: str) -> int:
+    from vdsa_server.transport.access import group_id
+
+    try:
+        return group_id(text)
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdsa", description=__doc__)
     _add_logging(parser)
@@ -80,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "qemu-configs/devices/default.toml's values)")
     serve.add_argument("--once", action="store_true",
                        help="exit when the first client disconnects")
+    serve.add_argument("--socket-mode", type=_octal_mode, default=0o600,
+                       help="the socket file's mode, in octal (default 0600: only this user "
+                       "can connect)")
+    serve.add_argument("--socket-group", type=_group,
+                       help="the socket file's group (name or gid); peers whose primary group "
+                       "it is are allowed (with --socket-mode 0660, say, for QEMU's group)")
+    serve.add_argument("--allow-uid", type=_user, action="append", default=[], metavar="USER",
+                       help="also allow peers running as USER (name or uid; repeatable); this "
+                       "user and root are always allowed")
+    serve.add_argument("--allow-gid", type=_group, action="append", default=[], metavar="GROUP",
+                       help="also allow peers whose primary group is GROUP (repeatable)")
 
     bench = sub.add_parser("bench", help="measure vdsa against the host's own speed for the "
                            "same work, through the vfio-user protocol (no QEMU); with --guest "
@@ -172,9 +211,13 @@ async def _serving(server: VdsaServer) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from vdsa_server.transport.access import SocketAccess
     from vdsa_server.transport.server import VdsaServer
 
-    trio.run(_serving, VdsaServer(args.socket, _device_config(args.config), once=args.once))
+    access = SocketAccess(mode=args.socket_mode, group=args.socket_group,
+                          uids=frozenset(args.allow_uid), gids=frozenset(args.allow_gid))
+    trio.run(_serving, VdsaServer(args.socket, _device_config(args.config), once=args.once,
+                                  access=access))
     return 0
 
 

@@ -57,6 +57,7 @@ from vdsa_server.device.pci import (
 )
 from vdsa_server.engine import Engine
 from vdsa_server.log import get_logger
+from vdsa_server.transport.access import SocketAccess, peer_credentials, private_umask
 from vdsa_server.transport.libvfio_user import (
     CapHdr,
     CapId,
@@ -119,10 +120,12 @@ class VdsaServer:
     """
 
     def __init__(self, socket_path: Path, config: DeviceConfig, *,
-                 lib: LibVfioUser | None = None, once: bool = False) -> None:
+                 lib: LibVfioUser | None = None, once: bool = False,
+                 access: SocketAccess | None = None) -> None:
         self.socket_path = socket_path
         self.config = config
         self.once = once
+        self.access = access or SocketAccess()
         self._lib = lib
         self.engine = Engine(num_wqs=config.num_wqs, num_msix=config.num_msix,
                              opcodes=config.opcodes, interrupt_handles=config.interrupt_handles)
@@ -135,11 +138,17 @@ class VdsaServer:
         claim_socket_path(self.socket_path)
         lib = self._lib or load_library()
         try:
-            with Context(lib, self.socket_path, private=self.engine.handle) as ctx:
+            with private_umask():
+                context = Context(lib, self.socket_path, private=self.engine.handle)
+            with context as ctx:
+                self.access.apply(self.socket_path)
                 self._set_up(ctx)
                 ctx.realize()
                 log.info("server.listening", socket=str(self.socket_path),
-                         wqs=self.config.num_wqs, mode=self.config.mode.value)
+                         wqs=self.config.num_wqs, mode=self.config.mode.value,
+                         socket_mode=oct(self.access.mode),
+                         allowed_uids=sorted(self.access.allowed_uids),
+                         allowed_gids=sorted(self.access.allowed_gids))
                 task_status.started()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._report_software_errors)
@@ -271,10 +280,33 @@ class VdsaServer:
                 log.warning("connection.rejected", errno=exc.errno,
                             error=errno.errorcode.get(exc.errno or 0, "?"))
                 continue
-            _set_peer_timeouts(ctx.get_poll_fd())
+            connection_fd = ctx.get_poll_fd()
+            peer = peer_credentials(connection_fd)
+            if not self.access.permits(peer):
+                log.warning("connection.refused_peer", pid=peer.pid, uid=peer.uid, gid=peer.gid)
+                self._drop_connection(ctx, connection_fd)
+                continue
+            _set_peer_timeouts(connection_fd)
             self.connections += 1
-            log.info("connection.accepted", connection=self.connections)
+            log.info("connection.accepted", connection=self.connections, pid=peer.pid,
+                     uid=peer.uid, gid=peer.gid)
             return
+
+    def _drop_connection(self, ctx: Context, connection_fd: int) -> None:
+        """Hang up on the connected peer without handling anything it sent: its socket is
+        replaced by one that reads end-of-file, which libvfio-user takes for a hang-up and
+        answers with a reset (closing that stand-in)."""
+        ended, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        other.close()
+        try:
+            os.dup2(ended.fileno(), connection_fd)
+        finally:
+            ended.close()
+        try:
+            ctx.run_via(self.engine.vfu_run)
+        except VfuNotConnected:
+            return
+        raise RuntimeError("libvfio-user did not drop a connection that reads end-of-file")
 
     async def _attach(self, ctx: Context, listen_fd: int) -> None:
         """``ctx.attach`` in a worker thread, never outliving PEER_IO_TIMEOUT
