@@ -7,21 +7,28 @@ from __future__ import annotations
 
 import errno
 import mmap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 
 import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.test_engine_protocol import (
     BUF_A,
     MAIN,
     Guest,
+    connected_guest,
     descriptor,
     noise,
+    server_thread,
 )
 from tests.test_engine_protocol import guest as guest  # the fixture
 from vdsa_server.client import GuestMemory, VfioUserError
 from vdsa_server.client.protocol import Command, encode_dma_map, encode_dma_unmap
+from vdsa_server.device.config import DeviceConfig
 from vdsa_server.device.descriptors import DsaCompStatus as S
 from vdsa_server.device.descriptors import DsaOpcode as Op
 
@@ -144,3 +151,98 @@ async def test_an_unmap_of_nothing_mapped_is_refused(guest: Guest) -> None:
     with pytest.raises(VfioUserError) as refused:
         await unmap(guest, PAGES, PAGE)
     assert refused.value.errno == errno.ENOENT
+
+
+# --- Any sequence: the server's replies follow type1's rules, and the engine reaches exactly
+# --- what is mapped ---------------------------------------------------------------------------
+
+WINDOW = 8  # pages, at PAGES
+
+
+@dataclass
+class Type1Model:
+    """The regions mapped in the window, as (first page, page count) -> their memory."""
+
+    regions: dict[tuple[int, int], GuestMemory] = field(default_factory=dict)
+
+    def map_errno(self, first: int, count: int) -> int:
+        overlaps = any(first < f + c and f < first + count for f, c in self.regions)
+        return errno.EEXIST if overlaps else 0
+
+    def unmap_errno(self, first: int, count: int) -> int:
+        inside = [(f, c) for f, c in self.regions if first <= f and f + c <= first + count]
+        cut = [(f, c) for f, c in self.regions
+               if first < f + c and f < first + count and (f, c) not in inside]
+        return errno.EINVAL if cut else 0 if inside else errno.ENOENT
+
+    def removed_by(self, first: int, count: int) -> list[tuple[int, int]]:
+        return [(f, c) for f, c in self.regions if first <= f and f + c <= first + count]
+
+    def page(self, page: int) -> bytes | None:
+        """What a read of this page must return, None if it must fault."""
+        for (f, c), memory in self.regions.items():
+            if f <= page < f + c:
+                iova = PAGES + page * PAGE
+                return memory.read(iova, PAGE)
+        return None
+
+
+operations = st.lists(
+    st.tuples(st.sampled_from(["map", "unmap"]), st.integers(0, WINDOW - 1),
+              st.integers(1, WINDOW)).map(lambda op: (op[0], op[1], min(op[2], WINDOW - op[1]))),
+    min_size=1, max_size=12)
+
+
+async def replied_errno(request: Awaitable[object]) -> int:
+    try:
+        await request
+    except VfioUserError as refused:
+        return refused.errno or -1
+    return 0
+
+
+@settings(max_examples=100, deadline=None, database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(sequence=operations, seed=st.integers(0, 2**16))
+def test_any_map_unmap_sequence_leaves_the_engine_reaching_exactly_what_is_mapped(
+        tmp_path_factory: pytest.TempPathFactory, sequence: list[tuple[str, int, int]],
+        seed: int) -> None:
+    """Each example has a server and a guest of its own (pytest-trio cannot give hypothesis'
+    examples an async fixture): one trio run each."""
+    socket = tmp_path_factory.mktemp("dma") / "dsa.sock"
+
+    async def example() -> None:
+        async with server_thread(socket, DeviceConfig()) as server, \
+                connected_guest(socket, server) as guest:
+            await check_sequence(guest, sequence, seed)
+
+    trio.run(example)
+
+
+async def check_sequence(guest: Guest, sequence: list[tuple[str, int, int]], seed: int) -> None:
+    model = Type1Model()
+    with ExitStack() as stack:
+        for number, (operation, first, count) in enumerate(sequence):
+            iova, size = PAGES + first * PAGE, count * PAGE
+            if operation == "map":
+                memory = stack.enter_context(GuestMemory(iova, size))
+                memory.write(iova, noise(size, seed + number))
+                expected = model.map_errno(first, count)
+                assert await replied_errno(guest.client.dma_map(memory)) == expected
+                if not expected:
+                    model.regions[first, count] = memory
+            else:
+                expected = model.unmap_errno(first, count)
+                assert await replied_errno(unmap(guest, iova, size)) == expected
+                for gone in model.removed_by(first, count) if not expected else []:
+                    del model.regions[gone]
+            assert guest.server is not None
+            assert sorted(guest.server.dma_regions) == sorted(
+                [MAIN, *(PAGES + f * PAGE for f, _ in model.regions)])
+            for page in range(WINDOW):
+                status, fault, arrived = await copy_page(guest, PAGES + page * PAGE)
+                content = model.page(page)
+                if content is None:
+                    assert (status, fault) == (S.PAGE_FAULT_NOBOF, PAGES + page * PAGE)
+                else:
+                    assert (status, arrived) == (S.SUCCESS, content)
