@@ -133,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "the guest's CPU memcpy")
     bench.add_argument("--log-dir", type=Path, help="where the server's and the guest's logs go")
 
+    fuzz = sub.add_parser("fuzz", help="fuzz `vdsa serve` (sanitized engine and libvfio-user) "
+                          "with a hostile vfio-user client for a while; exit 1 on any failure")
+    fuzz.add_argument("--seconds", type=_positive, default=60.0,
+                      help="how long to fuzz (whole rounds of examples; default 60)")
+    fuzz.add_argument("--seed", type=int, default=0,
+                      help="seed of the first round; round k uses seed + k (default 0)")
+    fuzz.add_argument("--json", type=Path, help="write the report to this JSON file")
+    fuzz.add_argument("--log-dir", type=Path, help="where the server's log goes")
+
     demo = sub.add_parser("demo", help="the main job: serve a virtual DSA, boot a guest that "
                           "checks the platform, configures the DSA with the stock driver and "
                           "runs dmatest on it")
@@ -219,6 +228,22 @@ def _serve(args: argparse.Namespace) -> int:
     trio.run(_serving, VdsaServer(args.socket, _device_config(args.config), once=args.once,
                                   access=access))
     return 0
+
+
+def _fuzz(args: argparse.Namespace) -> int:
+    from vdsa_server.fuzz.run import run_fuzz
+    from vdsa_server.platform.engine_build import build_engine
+    from vdsa_server.platform.libvfio_user_build import build_libvfio_user
+
+    trio.run(build_libvfio_user)
+    trio.run(build_engine)
+    log_dir = _log_dir(args.log_dir, "vdsa-fuzz-")
+    report = run_fuzz(log_dir, seconds=args.seconds, base_seed=args.seed)
+    print("\n".join(report.lines()))
+    print(f"server log: {log_dir / 'server.log'}")
+    if args.json:
+        report.write_json(args.json)
+    return 1 if report.failure else 0
 
 
 def _boot(args: argparse.Namespace) -> int:
@@ -329,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "fuzz":
+            return _fuzz(args)
         return _boot(args)
     except KeyboardInterrupt:
         return 128 + 2

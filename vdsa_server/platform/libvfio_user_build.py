@@ -24,7 +24,11 @@ from vdsa_server.platform.steps import NINJA_PROGRESS, run_step
 log = get_logger()
 
 MESON_OPTIONS = ("--buildtype=release", "-Ddebug-logs=disabled")
+# A second build for the protocol fuzzer: its findings in libvfio-user's own message parsing
+# abort the server instead of passing unseen.
+SANITIZED_OPTIONS = ("-Db_sanitize=address,undefined", "-Db_lundef=false")
 SONAME = "libvfio-user.so.0"
+SANITIZED_LIB_DIR = "lib-sanitized"
 # gpio-pci-idio-16 for the boot test and the client harness; server for DMA tests.
 SAMPLES = ("gpio-pci-idio-16", "server")
 
@@ -41,6 +45,7 @@ def libvfio_user_artifact() -> Artifact:
             "qemu-source": QEMU_SOURCE_VERSION,
             "patches": tree_digest(patches()),
             "meson-options": " ".join(MESON_OPTIONS),
+            "sanitized-options": " ".join(SANITIZED_OPTIONS),
             "tools": " ".join(BUILD_TOOLS),
         },
     )
@@ -48,6 +53,11 @@ def libvfio_user_artifact() -> Artifact:
 
 def cached_sample(name: str) -> Path:
     return libvfio_user_artifact().path / "bin" / name
+
+
+def cached_sanitized_library() -> Path:
+    """The ASan + UBSan build of the library (it needs the sanitizer runtimes preloaded)."""
+    return libvfio_user_artifact().path / SANITIZED_LIB_DIR / SONAME
 
 
 async def build_libvfio_user(*, force: bool = False) -> Path:
@@ -75,11 +85,16 @@ async def build_libvfio_user(*, force: bool = False) -> Path:
                        log_file=logs)
         await run_step("libvfio-user.ninja", ["ninja", "-C", build_dir], log_file=logs,
                        progress=NINJA_PROGRESS)
-        lib = scratch / "lib"
-        lib.mkdir()
-        for built in (build_dir / "lib").glob("libvfio-user.so*"):
-            if built.is_file() or built.is_symlink():
-                shutil.copy2(built, lib / built.name, follow_symlinks=False)
+        _copy_library(build_dir, scratch / "lib")
+        sanitized_dir = scratch / "build-sanitized"
+        await run_step("libvfio-user.meson-sanitized",
+                       [python, "-m", "mesonbuild.mesonmain", "setup", sanitized_dir, tree,
+                        *MESON_OPTIONS, *SANITIZED_OPTIONS],
+                       log_file=logs)
+        await run_step("libvfio-user.ninja-sanitized", ["ninja", "-C", sanitized_dir],
+                       log_file=logs, progress=NINJA_PROGRESS)
+        _copy_library(sanitized_dir, scratch / SANITIZED_LIB_DIR)
+        shutil.rmtree(sanitized_dir)
         shutil.copytree(tree / "include", scratch / "include")
         (scratch / "bin").mkdir()
         for sample in SAMPLES:
@@ -88,3 +103,10 @@ async def build_libvfio_user(*, force: bool = False) -> Path:
         shutil.rmtree(tree)
     log.info("libvfio_user.build.done", path=str(target.path))
     return target.path
+
+
+def _copy_library(build_dir: Path, lib: Path) -> None:
+    lib.mkdir()
+    for built in (build_dir / "lib").glob("libvfio-user.so*"):
+        if built.is_file() or built.is_symlink():
+            shutil.copy2(built, lib / built.name, follow_symlinks=False)

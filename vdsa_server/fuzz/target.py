@@ -1,0 +1,115 @@
+"""The server under fuzzing: `vdsa serve` in its own process, with the sanitized engine and the
+sanitized libvfio-user, and what can be read of it from outside (liveness, memory, fds, log)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from vdsa_server.engine import ENV_ENGINE
+from vdsa_server.platform.engine_build import Variant, engine_artifact, sanitizer_preload
+from vdsa_server.platform.libvfio_user_build import cached_sanitized_library
+from vdsa_server.transport.libvfio_user import ENV_LIBRARY
+
+START_LIMIT = 60.0
+STOP_LIMIT = 10.0
+# The quarantine keeps freed memory from reuse to catch use-after-free; bounded, so that the
+# memory-growth check sees the server's own growth and not ASan's.
+ASAN_OPTIONS = "detect_leaks=0:quarantine_size_mb=16:abort_on_error=1"
+UBSAN_OPTIONS = "halt_on_error=1:print_stacktrace=1"
+SANITIZER_REPORT = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:")
+
+
+class TargetDied(Exception):
+    """The server process ended (a crash, a sanitizer abort, an exit)."""
+
+
+def fuzz_environment() -> dict[str, str]:
+    """The sanitized engine and libvfio-user, and the runtimes they need preloaded.  The
+    engine finds libvfio-user through its RUNPATH; LD_LIBRARY_PATH comes first, so both it
+    and the binding load the same sanitized copy."""
+    library = cached_sanitized_library()
+    return {
+        **os.environ,
+        ENV_ENGINE: str(engine_artifact().path / Variant.SANITIZED.filename),
+        ENV_LIBRARY: str(library),
+        "LD_LIBRARY_PATH": str(library.parent),
+        "LD_PRELOAD": sanitizer_preload(),
+        "ASAN_OPTIONS": ASAN_OPTIONS,
+        "UBSAN_OPTIONS": UBSAN_OPTIONS,
+    }
+
+
+class FuzzTarget:
+    """``vdsa serve --socket SOCKET`` with its log in ``work_dir``; ``close()`` stops it
+    (SIGTERM, then SIGKILL) and must be called."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.socket = work_dir / "vdsa.sock"
+        self.log_path = work_dir / "server.log"
+        self.socket.unlink(missing_ok=True)  # left by an earlier run: not this server's
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vdsa_server", "--log-format", "json", "serve",
+             "--socket", str(self.socket)],
+            stdout=subprocess.DEVNULL, stderr=self._log, env=fuzz_environment())
+        deadline = time.monotonic() + START_LIMIT
+        while not self.socket.exists():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                self.close()
+                raise TargetDied(f"vdsa serve did not listen within {START_LIMIT} s")
+            time.sleep(0.01)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise TargetDied(f"vdsa serve ended with {code}; {self.describe_log()}")
+
+    def sanitizer_report(self) -> str | None:
+        text = self.log_path.read_text(errors="replace")
+        found = SANITIZER_REPORT.search(text)
+        return text[found.start():][:4000] if found else None
+
+    def describe_log(self) -> str:
+        report = self.sanitizer_report()
+        if report:
+            return f"sanitizer report:\n{report}"
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        return f"the end of its log ({self.log_path}):\n{tail}"
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise TargetDied("the server has no VmRSS: it is gone")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_LIMIT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    def __enter__(self) -> FuzzTarget:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
