@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.c_layouts import extract_headers
-from vdsa_server.platform.launcher import BootSpec, GuestRun, boot
+from vdsa_server.launch.launcher import BootSpec, GuestRun, boot
 
 BootGuest = Callable[..., Awaitable[GuestRun]]
 CONSOLE_TAIL = 60
@@ -40,8 +40,8 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     import trio
 
+    from vdsa_server.builds.engine_build import Variant, build_engine, sanitizer_preload
     from vdsa_server.engine import ENV_ENGINE
-    from vdsa_server.platform.engine_build import Variant, build_engine, sanitizer_preload
 
     engine = trio.run(build_engine)
     os.environ.update({

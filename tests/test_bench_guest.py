@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vdsa_server.bench.guest import GuestBenchError, GuestBenchPlan, measure
-from vdsa_server.platform.launcher import GuestRun, QemuCapabilities
+from vdsa_server.launch.launcher import GuestRun, QemuCapabilities
 
 PLAN = GuestBenchPlan(threads=2, iterations=100, size=4096, copies=1000)
 CONSOLE_LOG = Path("/logs/console.log")

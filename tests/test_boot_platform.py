@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BootGuest, CliBoot, run_cli
-from vdsa_server.platform.launcher import GuestBootTimeout, GuestPanic
-from vdsa_server.platform.sample_server import SAMPLE_FUNCTION, sample_server
+from vdsa_server.launch.launcher import GuestBootTimeout, GuestPanic
+from vdsa_server.launch.sample_server import SAMPLE_FUNCTION, sample_server
 from vdsa_server.transport.socket_path import SocketPathTaken
 
 pytestmark = pytest.mark.boot

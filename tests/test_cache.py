@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vdsa_server.platform.cache import artifact, tree_digest
+from vdsa_server.builds.cache import artifact, tree_digest
 
 
 def test_key_follows_inputs(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
+from vdsa_server.builds.libvfio_user_build import cached_sample, libvfio_user_artifact
 from vdsa_server.client import (
     Command,
     ConnectionClosed,
@@ -49,7 +50,6 @@ from vdsa_server.client.protocol import (
     encode_device_get_info,
     encode_dma_map,
 )
-from vdsa_server.platform.libvfio_user_build import cached_sample, libvfio_user_artifact
 
 GPIO_VENDOR, GPIO_DEVICE = 0x494F, 0x0DC8
 START_LIMIT = 10.0

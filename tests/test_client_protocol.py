@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.c_layouts import assert_layouts_match, c_enumerators, run_c
+from vdsa_server.builds.libvfio_user_build import libvfio_user_artifact
 from vdsa_server.client import protocol as p
 from vdsa_server.device.registers import Layout
-from vdsa_server.platform.libvfio_user_build import libvfio_user_artifact
 from vdsa_server.vfio import PciIrq, PciRegion
 
 PRELUDE = """\

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from vdsa_server.platform import console
+from vdsa_server.launch import console
 
 
 def frame(obj: dict[str, object]) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vdsa_server.platform.cpio import MAGIC, TRAILER, CpioWriter, normalize, pad4
+from vdsa_server.builds.cpio import MAGIC, TRAILER, CpioWriter, normalize, pad4
 
 HEADER_SIZE = 110
 

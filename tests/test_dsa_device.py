@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 from vdsa_server.device.config import ConfigMode, DeviceConfig, GroupPreset, WqPreset
 from vdsa_server.device.descriptors import DsaCompStatus, DsaOpcode
 from vdsa_server.device.dsa import DsaDevice
+from vdsa_server.device.engine_port import SoftwareError, WqSettings
 from vdsa_server.device.registers import (
     CMD_INT_HANDLE_IMS,
     DEVICE_VERSION_1,
@@ -66,7 +67,6 @@ from vdsa_server.device.registers import (
     WqCfg,
     field_mask,
 )
-from vdsa_server.engine import SoftwareError, WqSettings
 
 MiB = 1 << 20
 Log = MutableMapping[str, Any]

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from vdsa_server.engine import ENV_ENGINE, Engine, WqSettings, load_engine
+from vdsa_server.device.engine_port import WqSettings
+from vdsa_server.engine import ENV_ENGINE, Engine, load_engine
 
 MEMORY_IOVA = 0x1_0000_0000
 MEMORY_SIZE = 64 << 20

@@ -27,7 +27,8 @@ from vdsa_server.device.descriptors import DsaCompletionRecord, DsaHwDesc
 from vdsa_server.device.descriptors import DsaCompStatus as S
 from vdsa_server.device.descriptors import DsaOpcode as Op
 from vdsa_server.device.descriptors import IdxdOpFlag as F
-from vdsa_server.engine import Engine, WqSettings
+from vdsa_server.device.engine_port import WqSettings
+from vdsa_server.engine import Engine
 
 NUM_MSIX = 8
 

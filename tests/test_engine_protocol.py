@@ -59,7 +59,7 @@ from vdsa_server.device.registers import (
     SwErrReg,
 )
 from vdsa_server.engine import Engine
-from vdsa_server.transport.server import VdsaServer
+from vdsa_server.server import VdsaServer
 
 MiB = 1 << 20
 WAIT = 5.0  # bound of any single wait for the device

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from vdsa_server.platform import guest_image
-from vdsa_server.platform.guest_image import (
+from vdsa_server.builds import guest_image
+from vdsa_server.builds.guest_image import (
     GUEST_FILES,
     GUEST_PROGRAMS,
     NATIVE_GUEST,

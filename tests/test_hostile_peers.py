@@ -23,7 +23,7 @@ from vdsa_server.client.protocol import (
     encode_region_access,
     encode_version,
 )
-from vdsa_server.transport.server import VdsaServer
+from vdsa_server.server import VdsaServer
 
 CONFIG_REGION = 7
 NO_SUCH_REGION = 99

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from vdsa_server.builds.qemu_build import cached_qemu_binary
+from vdsa_server.builds.steps import BuildError, run_step
 from vdsa_server.device.config import DeviceConfig
-from vdsa_server.platform import launcher
-from vdsa_server.platform.launcher import (
+from vdsa_server.launch import launcher
+from vdsa_server.launch.launcher import (
     BootSpec,
     FirmwareMissing,
     NoMovdir64b,
@@ -20,8 +22,6 @@ from vdsa_server.platform.launcher import (
     QemuUnsuitable,
     ServerSocketMissing,
 )
-from vdsa_server.platform.qemu_build import cached_qemu_binary
-from vdsa_server.platform.steps import BuildError, run_step
 
 # Debian bookworm's own QEMU (7.2): real, but older than vfio-user-pci.
 STOCK_QEMU = Path("/usr/bin/qemu-system-x86_64")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from vdsa_server.platform.libvfio_user_build import libvfio_user_artifact
+from vdsa_server.builds.libvfio_user_build import libvfio_user_artifact
 from vdsa_server.transport import libvfio_user as lvu
 from vdsa_server.transport.libvfio_user import (
     CapHdr,

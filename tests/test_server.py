@@ -18,13 +18,13 @@ import pytest
 import trio
 
 from tests.conftest import vdsa_env
+from vdsa_server import server as server_module
 from vdsa_server.client import ConnectionClosed, GuestMemory, VfioUserClient, VfioUserError
 from vdsa_server.client.protocol import Command, IrqSetFlag
 from vdsa_server.device import registers as r
 from vdsa_server.device.config import DeviceConfig
 from vdsa_server.device.pci import PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, Bar
-from vdsa_server.transport import server as server_module
-from vdsa_server.transport.server import VdsaServer
+from vdsa_server.server import VdsaServer
 from vdsa_server.transport.socket_path import SocketPathTaken
 
 CONFIG_REGION = 7

@@ -20,8 +20,8 @@ import trio
 from tests.conftest import vdsa_env
 from tests.test_server import PCI_VENDOR_ID, client_when_free
 from vdsa_server.device.config import DeviceConfig
+from vdsa_server.server import VdsaServer
 from vdsa_server.transport.access import SocketAccess
-from vdsa_server.transport.server import VdsaServer
 
 NOBODY = 65534
 NOGROUP = 65534

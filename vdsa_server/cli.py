@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 import trio
 
 from vdsa_server import log as vdsa_log
+from vdsa_server.builds.steps import BuildError
+from vdsa_server.launch import console
 from vdsa_server.log import get_logger
-from vdsa_server.platform import console
-from vdsa_server.platform.steps import BuildError
 
 if TYPE_CHECKING:
     from vdsa_server.device.config import DeviceConfig
-    from vdsa_server.platform.launcher import GuestRun
-    from vdsa_server.transport.server import VdsaServer
+    from vdsa_server.launch.launcher import GuestRun
+    from vdsa_server.server import VdsaServer
 
 # Like `docker run`: 125 means vdsa itself failed, anything else is the script's.
 EXIT_LAUNCH_ERROR = 125
@@ -153,10 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _build(what: str, force: bool) -> None:
-    from vdsa_server.platform.engine_build import build_engine
-    from vdsa_server.platform.guest_image import build_guest
-    from vdsa_server.platform.libvfio_user_build import build_libvfio_user
-    from vdsa_server.platform.qemu_build import build_qemu
+    from vdsa_server.builds.engine_build import build_engine
+    from vdsa_server.builds.guest_image import build_guest
+    from vdsa_server.builds.libvfio_user_build import build_libvfio_user
+    from vdsa_server.builds.qemu_build import build_qemu
 
     if what in ("all", "libvfio-user"):
         await build_libvfio_user(force=force)
@@ -220,8 +220,8 @@ async def _serving(server: VdsaServer) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from vdsa_server.server import VdsaServer
     from vdsa_server.transport.access import SocketAccess
-    from vdsa_server.transport.server import VdsaServer
 
     access = SocketAccess(mode=args.socket_mode, group=args.socket_group,
                           uids=frozenset(args.allow_uid), gids=frozenset(args.allow_gid))
@@ -231,9 +231,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _fuzz(args: argparse.Namespace) -> int:
+    from vdsa_server.builds.engine_build import build_engine
+    from vdsa_server.builds.libvfio_user_build import build_libvfio_user
     from vdsa_server.fuzz.run import run_fuzz
-    from vdsa_server.platform.engine_build import build_engine
-    from vdsa_server.platform.libvfio_user_build import build_libvfio_user
 
     trio.run(build_libvfio_user)
     trio.run(build_engine)
@@ -247,7 +247,7 @@ def _fuzz(args: argparse.Namespace) -> int:
 
 
 def _boot(args: argparse.Namespace) -> int:
-    from vdsa_server.platform.launcher import (
+    from vdsa_server.launch.launcher import (
         DEFAULT_FIRMWARE_DIRS,
         BootSpec,
         boot,
@@ -273,8 +273,8 @@ def _boot(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     """vdsa's own server, and a guest that checks the platform, configures and
     enables the virtual DSA with the stock driver, and runs dmatest on it."""
+    from vdsa_server.launch.launcher import BootSpec, boot_with_server
     from vdsa_server.paths import QEMU_CONFIGS
-    from vdsa_server.platform.launcher import BootSpec, boot_with_server
 
     scripts = QEMU_CONFIGS / "guest-scripts"
     log_dir = _log_dir(args.log_dir, "vdsa-demo-")
@@ -300,8 +300,8 @@ def _bench(args: argparse.Namespace) -> int:
     from vdsa_server.bench.guest import run_guest_bench
     from vdsa_server.bench.harness import BenchPlan, notes, run_harness
     from vdsa_server.bench.report import machine, report, table, versions, write_json, write_plot
+    from vdsa_server.builds.libvfio_user_build import libvfio_user_artifact
     from vdsa_server.engine.native import load_engine
-    from vdsa_server.platform.libvfio_user_build import libvfio_user_artifact
 
     log_dir = _log_dir(args.log_dir, "vdsa-bench-")
     host = machine()
@@ -335,10 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     vdsa_log.configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     from vdsa_server.bench.guest import GuestBenchError
     from vdsa_server.bench.harness import BenchError
+    from vdsa_server.builds.guest_image import GuestImageMissing
     from vdsa_server.device.config import ConfigError
-    from vdsa_server.platform.guest_image import GuestImageMissing
-    from vdsa_server.platform.launcher import LaunchError
-    from vdsa_server.platform.sample_server import SampleServerError
+    from vdsa_server.launch.launcher import LaunchError
+    from vdsa_server.launch.sample_server import SampleServerError
     from vdsa_server.transport.libvfio_user import LibraryError
     from vdsa_server.transport.socket_path import SocketPathTaken
 

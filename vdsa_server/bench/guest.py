@@ -17,10 +17,10 @@ import trio
 
 from vdsa_server.bench.results import Measurement
 from vdsa_server.device.config import DeviceConfig
+from vdsa_server.launch import console
+from vdsa_server.launch.launcher import BootSpec, GuestRun, boot_with_server
 from vdsa_server.log import get_logger
 from vdsa_server.paths import QEMU_CONFIGS
-from vdsa_server.platform import console
-from vdsa_server.platform.launcher import BootSpec, GuestRun, boot_with_server
 
 log = get_logger()
 
@@ -83,7 +83,7 @@ async def run_guest_bench(
     the boot may take ``boot_timeout`` seconds.  ``log_dir`` is created if needed.
 
     Raises GuestBenchError if the guest script fails, dmatest reports failures or a figure is
-    missing, and what :func:`~vdsa_server.platform.launcher.boot` raises if the boot does.
+    missing, and what :func:`~vdsa_server.launch.launcher.boot` raises if the boot does.
     """
     plan = plan or GuestBenchPlan()
     # The server's socket goes there before the launcher would create it.

@@ -44,7 +44,7 @@ _LABELS = {
 
 
 def _default_path() -> Path:
-    from vdsa_server.platform.engine_build import HOSTREF_FILENAME, engine_artifact
+    from vdsa_server.builds.engine_build import HOSTREF_FILENAME, engine_artifact
 
     return engine_artifact().path / HOSTREF_FILENAME
 

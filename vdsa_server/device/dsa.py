@@ -20,9 +20,9 @@ import ctypes
 import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 from vdsa_server.device.config import ConfigMode, DeviceConfig
+from vdsa_server.device.engine_port import InterruptSink, SoftwareError, WqEngine, WqSettings
 from vdsa_server.device.registers import (
     CMD_INT_HANDLE_IMS,
     DEVICE_VERSION_1,
@@ -73,7 +73,6 @@ from vdsa_server.device.registers import (
     field_mask,
     wq_bar_size,
 )
-from vdsa_server.engine.native import SoftwareError, WqSettings
 from vdsa_server.log import get_logger
 
 # PCI MSI-X: 16-byte table entries, one pending bit per vector in 64-bit PBA words. QEMU
@@ -103,35 +102,6 @@ _GRPFLAGS_READ_BUFFER_FIELDS = ("use_rdbuf_limit", "rdbufs_reserved", "rdbufs_al
 _MSIX_PERM_FIELDS = ("ignore", "pasid_en", "pasid")
 # Group traffic classes the 6.1 driver programs for DSA 1.x (idxd_setup_groups).
 _DEFAULT_TRAFFIC_CLASS = 1
-
-
-class InterruptSink(Protocol):
-    """Where the device raises MSI-X interrupts."""
-
-    def trigger(self, vector: int) -> None:
-        """Raise MSI-X ``vector``: 0 for device events, n + 1 for WQ n."""
-
-
-class WqEngine(Protocol):
-    """The descriptor engine, as the device's commands drive it."""
-
-    def enable_wq(self, wq: int, settings: WqSettings) -> None:
-        """Start taking descriptors for ``wq``."""
-
-    def disable_wq(self, wq: int) -> None:
-        """Stop taking descriptors; return when those taken are done."""
-
-    def drain_wq(self, wq: int) -> None:
-        """Return when every descriptor taken so far is done."""
-
-    def abort_wq(self, wq: int) -> None:
-        """Drop queued descriptors; return when those in progress have stopped."""
-
-    def reset(self) -> None:
-        """Every WQ disabled, queues dropped, interrupt handles released."""
-
-    def set_int_handle(self, handle: int, granted: bool) -> None:
-        """Grant or release an interrupt handle for descriptors."""
 
 
 class _Kind(enum.Enum):

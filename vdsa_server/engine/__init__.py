@@ -6,9 +6,7 @@ from vdsa_server.engine.native import (
     Engine,
     EngineError,
     EngineLibrary,
-    SoftwareError,
     WqCounters,
-    WqSettings,
     load_engine,
 )
 
@@ -18,8 +16,6 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineLibrary",
-    "SoftwareError",
     "WqCounters",
-    "WqSettings",
     "load_engine",
 ]

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from vdsa_server.device.descriptors import DsaOpcode
+from vdsa_server.device.engine_port import SoftwareError, WqSettings
 from vdsa_server.transport.libvfio_user import check_status, declare_signatures
 
 ENV_ENGINE = "VDSA_ENGINE"
@@ -55,32 +56,6 @@ class _Counters(ctypes.Structure):
     _fields_ = [("submitted", c_uint64), ("completed", c_uint64),
                 ("dropped_disabled", c_uint64), ("dropped_full", c_uint64),
                 ("dropped_torn", c_uint64), ("errors", c_uint64)]
-
-
-@dataclass(frozen=True)
-class WqSettings:
-    """What the engine needs of an enabled WQ's WQCFG and GRPCFG."""
-
-    size: int
-    priority: int
-    engines: int  # bitmap of the engines of the WQ's group
-    max_transfer_size: int
-    max_batch_size: int
-
-
-@dataclass(frozen=True)
-class SoftwareError:
-    """One error for SWERR, as ``struct vdsa_swerr``."""
-
-    error: int
-    operation: int
-    wq: int
-    fault_rw: int
-    batch: int
-    desc_valid: int
-    batch_index: int
-    invalid_flags: int
-    fault_addr: int
 
 
 @dataclass(frozen=True)
@@ -139,7 +114,7 @@ def _default_path() -> Path:
     explicit = os.environ.get(ENV_ENGINE)
     if explicit:
         return Path(explicit)
-    from vdsa_server.platform.engine_build import Variant, engine_artifact
+    from vdsa_server.builds.engine_build import Variant, engine_artifact
 
     return engine_artifact().path / Variant.RELEASE.filename
 

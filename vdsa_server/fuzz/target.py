@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from vdsa_server.builds.engine_build import Variant, engine_artifact, sanitizer_preload
+from vdsa_server.builds.libvfio_user_build import cached_sanitized_library
 from vdsa_server.engine import ENV_ENGINE
-from vdsa_server.platform.engine_build import Variant, engine_artifact, sanitizer_preload
-from vdsa_server.platform.libvfio_user_build import cached_sanitized_library
 from vdsa_server.transport.libvfio_user import ENV_LIBRARY
 
 START_LIMIT = 60.0

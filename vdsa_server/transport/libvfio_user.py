@@ -443,7 +443,7 @@ def _default_library_path() -> tuple[Path, str]:
     explicit = os.environ.get(ENV_LIBRARY)
     if explicit:
         return Path(explicit), f"${ENV_LIBRARY}"
-    from vdsa_server.platform.libvfio_user_build import libvfio_user_artifact
+    from vdsa_server.builds.libvfio_user_build import libvfio_user_artifact
 
     return libvfio_user_artifact().path / "lib" / "libvfio-user.so.0", "the build cache"
 

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import trio
 
+from vdsa_server.builds.cache import Artifact, artifact, tree_digest
+from vdsa_server.builds.cpio import CpioWriter, normalize, pad4
+from vdsa_server.builds.steps import BuildError, run_step
 from vdsa_server.log import get_logger
-from vdsa_server.platform.cache import Artifact, artifact, tree_digest
-from vdsa_server.platform.cpio import CpioWriter, normalize, pad4
-from vdsa_server.platform.steps import BuildError, run_step
 
 log = get_logger()
 

@@ -1,6 +1,6 @@
 """Parsing the guest's serial console.
 
-The guest's init (platform/guest_files/init) writes machine-readable lines as
+The guest's init (builds/guest_files/init) writes machine-readable lines as
 ``@@vdsa@@ `` + one JSON object; everything else on the console is kernel or
 firmware output, kept for the log.  Payloads travel base64-encoded so that a
 script's output can never be mistaken for, or break, a frame.

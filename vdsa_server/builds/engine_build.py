@@ -8,11 +8,11 @@ from __future__ import annotations
 import enum
 import subprocess
 
+from vdsa_server.builds.cache import Artifact, artifact, tree_digest
+from vdsa_server.builds.libvfio_user_build import build_libvfio_user, libvfio_user_artifact
+from vdsa_server.builds.steps import run_step
 from vdsa_server.log import get_logger
 from vdsa_server.paths import NATIVE
-from vdsa_server.platform.cache import Artifact, artifact, tree_digest
-from vdsa_server.platform.libvfio_user_build import build_libvfio_user, libvfio_user_artifact
-from vdsa_server.platform.steps import run_step
 
 log = get_logger()
 

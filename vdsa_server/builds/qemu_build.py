@@ -14,10 +14,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from vdsa_server.builds.cache import Artifact, artifact, cache_root, tree_digest
+from vdsa_server.builds.steps import NINJA_PROGRESS, run_step
 from vdsa_server.log import get_logger
 from vdsa_server.paths import QEMU_PATCHES, require_checkout
-from vdsa_server.platform.cache import Artifact, artifact, cache_root, tree_digest
-from vdsa_server.platform.steps import NINJA_PROGRESS, run_step
 
 log = get_logger()
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from vdsa_server.log import get_logger
-from vdsa_server.paths import LIBVFIO_USER_PATCHES, require_checkout
-from vdsa_server.platform.cache import Artifact, artifact, tree_digest
-from vdsa_server.platform.qemu_build import (
+from vdsa_server.builds.cache import Artifact, artifact, tree_digest
+from vdsa_server.builds.qemu_build import (
     BUILD_TOOLS,
     QEMU_SOURCE_VERSION,
     ensure_build_tools,
     ensure_qemu_source,
 )
-from vdsa_server.platform.steps import NINJA_PROGRESS, run_step
+from vdsa_server.builds.steps import NINJA_PROGRESS, run_step
+from vdsa_server.log import get_logger
+from vdsa_server.paths import LIBVFIO_USER_PATCHES, require_checkout
 
 log = get_logger()
 

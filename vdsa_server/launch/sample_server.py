@@ -14,8 +14,8 @@ from pathlib import Path
 
 import trio
 
+from vdsa_server.builds.libvfio_user_build import cached_sample, libvfio_user_artifact
 from vdsa_server.log import get_logger
-from vdsa_server.platform.libvfio_user_build import cached_sample, libvfio_user_artifact
 from vdsa_server.transport.socket_path import claim_socket_path
 
 log = get_logger()

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from vdsa_server.builds.guest_image import GuestImage, find_guest, script_archive
+from vdsa_server.builds.qemu_build import cached_qemu_binary
+from vdsa_server.launch import console
 from vdsa_server.log import get_logger
 from vdsa_server.paths import QEMU_CONFIGS
-from vdsa_server.platform import console
-from vdsa_server.platform.guest_image import GuestImage, find_guest, script_archive
-from vdsa_server.platform.qemu_build import cached_qemu_binary
 
 if TYPE_CHECKING:
     from vdsa_server.device.config import DeviceConfig
@@ -379,7 +379,7 @@ async def boot_with_server(spec: BootSpec, config: DeviceConfig,
     """Boot with vdsa's own server, configured by ``config``, listening at ``spec.socket`` for
     the boot."""
     # Imported here: it loads libvfio-user and the engine, which plain boots do not need.
-    from vdsa_server.transport.server import VdsaServer
+    from vdsa_server.server import VdsaServer
 
     if spec.socket is None:
         raise ValueError("boot_with_server needs spec.socket, where its server listens")
