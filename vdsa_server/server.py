@@ -39,7 +39,7 @@ from pathlib import Path
 
 import trio
 
-from vdsa_server.device.config import DeviceConfig
+from vdsa_server.device.config import DeviceConfig, PortalMode
 from vdsa_server.device.dsa import DsaDevice
 from vdsa_server.device.pci import (
     PCI_CLASS_BASE_SYSTEM_PERIPHERAL,
@@ -177,6 +177,8 @@ class VdsaServer:
                 BarSpec(Bar.PORTALS, device.bar2_size, prefetchable=True))
         ctx.setup_region(RegionIndex(Bar.REGISTERS), device.bar0_size,
                          RegionFlag.RW | RegionFlag.MEM, self._bar0_access)
+        if self.config.portals is PortalMode.MAPPED:
+            self.engine.map_portals(device.bar2_size)
         self.engine.attach_vfu(ctx.pointer, device.bar2_size)
         for bar in bars:
             offset = PCI_BASE_ADDRESS_0 + 4 * bar.index

@@ -57,6 +57,8 @@ struct vdsa_engine {
 	atomic_uint_fast64_t irq_counts[VDSA_MAX_MSIX];
 	atomic_bool granted[VDSA_MAX_MSIX];
 
+	struct poller *poller; /* mapped portals, if any */
+
 	pthread_mutex_t error_lock;
 	struct vdsa_swerr errors[ERROR_QUEUE];
 	uint32_t error_head;
@@ -102,6 +104,7 @@ void vdsa_engine_destroy(struct vdsa_engine *engine)
 	for (uint32_t e = 0; e < VDSA_MAX_ENGINES; e++)
 		pthread_cond_signal(&engine->work[e]);
 	pthread_mutex_unlock(&engine->lock);
+	poller_destroy(engine->poller);
 	for (int e = 0; e < VDSA_MAX_ENGINES; e++)
 		if (engine->started[e])
 			pthread_join(engine->workers[e], NULL);
@@ -294,6 +297,8 @@ int vdsa_engine_wq_enable(struct vdsa_engine *engine, uint32_t w,
 	wq->enabled = rc == 0;
 out:
 	pthread_mutex_unlock(&engine->lock);
+	if (rc == 0 && engine->poller)
+		poller_kick(engine->poller);
 	return rc;
 }
 
@@ -423,6 +428,28 @@ static void enqueue(struct vdsa_engine *engine, struct wq *wq, const uint8_t *de
 		pthread_cond_signal(&engine->work[__builtin_ctzll(engines)]);
 }
 
+bool engine_any_wq_enabled(struct vdsa_engine *engine)
+{
+	bool any = false;
+
+	pthread_mutex_lock(&engine->lock);
+	for (uint32_t w = 0; w < engine->config.num_wqs && !any; w++)
+		any = engine->wqs[w].enabled;
+	pthread_mutex_unlock(&engine->lock);
+	return any;
+}
+
+void engine_submit(struct vdsa_engine *engine, uint32_t offset, const uint8_t *descriptor)
+{
+	uint32_t w = offset / (PORTAL_PAGE * PORTALS_PER_WQ);
+
+	if (w >= engine->config.num_wqs)
+		return;
+	pthread_mutex_lock(&engine->lock);
+	enqueue(engine, &engine->wqs[w], descriptor);
+	pthread_mutex_unlock(&engine->lock);
+}
+
 int vdsa_engine_portal_write(struct vdsa_engine *engine, uint64_t offset, const void *data,
 			     uint32_t size)
 {
@@ -483,10 +510,39 @@ int vdsa_engine_attach_vfu(struct vdsa_engine *engine, vfu_ctx_t *ctx, uint32_t 
 	pthread_mutex_lock(&engine->irq_lock);
 	engine->vfu = ctx;
 	pthread_mutex_unlock(&engine->irq_lock);
+	if (engine->poller) {
+		/* The whole BAR is mappable; a client that does not map it still writes through
+		 * the callback, so both paths serve at once. */
+		struct iovec all = { .iov_base = 0, .iov_len = bar2_size };
+
+		if (vfu_setup_region(ctx, VFU_PCI_DEV_BAR2_REGION_IDX, bar2_size, portal_access,
+				     VFU_REGION_FLAG_RW | VFU_REGION_FLAG_MEM, &all, 1,
+				     poller_fd(engine->poller), 0) < 0)
+			return -errno;
+		return 0;
+	}
 	if (vfu_setup_region(ctx, VFU_PCI_DEV_BAR2_REGION_IDX, bar2_size, portal_access,
 			     VFU_REGION_FLAG_RW | VFU_REGION_FLAG_MEM, NULL, 0, -1, 0) < 0)
 		return -errno;
 	return 0;
+}
+
+int vdsa_engine_map_portals(struct vdsa_engine *engine, uint32_t bar2_size)
+{
+	int rc = 0;
+
+	if (engine->poller)
+		return -EBUSY;
+	if (bar2_size < engine->config.num_wqs * PORTALS_PER_WQ * PORTAL_PAGE ||
+	    bar2_size % PORTAL_PAGE)
+		return -EINVAL;
+	engine->poller = poller_create(engine, bar2_size, &rc);
+	return engine->poller ? poller_fd(engine->poller) : rc;
+}
+
+uint64_t vdsa_engine_portal_sleeps(struct vdsa_engine *engine)
+{
+	return engine->poller ? poller_sleeps(engine->poller) : 0;
 }
 
 /* --- Interrupts ------------------------------------------------------------------------- */

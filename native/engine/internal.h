@@ -85,5 +85,20 @@ bool engine_int_handle_valid(struct vdsa_engine *engine, uint16_t handle);
 void engine_report_error(struct vdsa_engine *engine, const struct vdsa_swerr *error);
 /* A drain descriptor: wait until only the caller is in progress on wq. */
 void engine_drain_wait(struct vdsa_engine *engine, uint32_t wq);
+bool engine_any_wq_enabled(struct vdsa_engine *engine);
+/* A whole descriptor arrived at BAR2 offset: queue it on that offset's WQ, or drop it. */
+void engine_submit(struct vdsa_engine *engine, uint32_t offset, const uint8_t *descriptor);
+
+/* --- poller.c: mapped portals --------------------------------------------- */
+
+struct poller;
+
+/* A sealed memfd of size bytes mapped here, and the thread that sweeps it. */
+struct poller *poller_create(struct vdsa_engine *engine, uint32_t size, int *error);
+void poller_destroy(struct poller *poller);
+/* End the poller's sleep now (a WQ was enabled). */
+void poller_kick(struct poller *poller);
+int poller_fd(const struct poller *poller);
+uint64_t poller_sleeps(struct poller *poller);
 
 #endif

@@ -55,10 +55,17 @@ struct vdsa_wq_counters {
 struct vdsa_engine *vdsa_engine_create(const struct vdsa_engine_config *config);
 void vdsa_engine_destroy(struct vdsa_engine *engine);
 
+/* Mapped portals (poller.c has the submitter/poller contract): BAR2 becomes a sealed memfd
+ * of bar2_size bytes, swept by a thread of the engine's own. Before attach_vfu. Returns
+ * the memfd (the engine owns it; a client maps it) or -errno. */
+int vdsa_engine_map_portals(struct vdsa_engine *engine, uint32_t bar2_size);
+/* Times the poller slept since map_portals (its idle cost). */
+uint64_t vdsa_engine_portal_sleeps(struct vdsa_engine *engine);
 /* ctx must have been created with this engine as its private pointer. Registers BAR2
  * (size bytes) with the engine's own access callback (portal writes while
- * PCI_COMMAND.MEM is clear are ignored), and makes
- * vfu_irq_trigger on ctx the way interrupts leave. Before vfu_realize_ctx. */
+ * PCI_COMMAND.MEM is clear are ignored) and, with mapped portals, the memfd as the whole
+ * BAR's one mmap area; and makes vfu_irq_trigger on ctx the way interrupts leave. Before
+ * vfu_realize_ctx. */
 int vdsa_engine_attach_vfu(struct vdsa_engine *engine, vfu_ctx_t *ctx, uint32_t bar2_size);
 /* vfu_attach_ctx / vfu_run_ctx wrapped so that interrupts raised meanwhile by workers are
  * delivered after it, never while libvfio-user may be replacing the eventfds. vfu_run

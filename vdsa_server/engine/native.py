@@ -80,6 +80,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any], Callable[..., int] | None]] = {
     "vdsa_engine_create": (c_void_p, [POINTER(_EngineConfig)], None),
     "vdsa_engine_destroy": (None, [_ENGINE], None),
     "vdsa_engine_attach_vfu": (c_int, [_ENGINE, c_void_p, c_uint32], _check_errno),
+    "vdsa_engine_map_portals": (c_int, [_ENGINE, c_uint32], _check_errno),
+    "vdsa_engine_portal_sleeps": (c_uint64, [_ENGINE], None),
     "vdsa_engine_vfu_attach": (c_int, [_ENGINE], check_status),
     "vdsa_engine_vfu_run": (c_int, [_ENGINE], check_status),
     "vdsa_engine_portal_write": (c_int, [_ENGINE, c_uint64, c_void_p, c_uint32], _check_errno),
@@ -195,8 +197,18 @@ class Engine:
 
     # --- vfio-user ---
 
+    def map_portals(self, bar2_size: int) -> int:
+        """BAR2 as a sealed memfd that the engine's poller sweeps; before ``attach_vfu``.
+        Returns the memfd, which the engine owns (a client maps it)."""
+        return int(self._c.vdsa_engine_map_portals(self._e, bar2_size))
+
+    def portal_sleeps(self) -> int:
+        """Times the portal poller slept: its idle cost."""
+        return int(self._c.vdsa_engine_portal_sleeps(self._e))
+
     def attach_vfu(self, ctx_pointer: int, bar2_size: int) -> None:
-        """Own BAR2 of the libvfio-user context and trigger its interrupts."""
+        """Own BAR2 of the libvfio-user context (mappable if ``map_portals`` came first) and
+        trigger its interrupts."""
         self._c.vdsa_engine_attach_vfu(self._e, ctx_pointer, bar2_size)
 
     def vfu_attach(self) -> int:

@@ -1,0 +1,186 @@
+/* Mapped portals: BAR2 as shared memory that the client maps, and one thread that sweeps its
+ * slots for descriptors.
+ *
+ * Who writes what, in which order, who clears (the whole contract between a submitter and
+ * the poller):
+ *   submitter: waits until the slot's qword 0 is zero, stores qwords 7..1, then qword 0
+ *              with release order (vdsa's QEMU MOVDIR64B does this for a mapped vfio-user
+ *              region; a KVM guest's MOVDIR64B stores all 64 bytes at once and cannot wait);
+ *   poller:    loads qword 0 with acquire order; if it is not zero, copies the slot and
+ *              then stores zero to qword 0 with release order, handing the slot back.
+ * A descriptor whose qword 0 is zero is a NOOP without flags (no record, no interrupt): an
+ * empty slot and it are indistinguishable, and treating it as empty loses nothing a guest
+ * can observe. Descriptors then meet the same rules as trapped ones (disabled WQ, full WQ:
+ * dropped and counted). */
+#define _GNU_SOURCE /* memfd_create, file seals */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* Empty sweeps in a row before the poller starts to sleep, and its longest sleep: busy, it
+ * answers within one sweep; idle with a WQ enabled, one short wake-up per 4 ms; with
+ * none enabled, nothing. */
+#define SPIN_SWEEPS 4096u
+#define FIRST_SLEEP_NS 1000L
+#define LONGEST_SLEEP_NS 4000000L
+
+struct poller {
+	struct vdsa_engine *engine;
+	int fd;
+	uint8_t *base;
+	uint32_t size;
+	pthread_t thread;
+	pthread_mutex_t lock;
+	pthread_cond_t kick; /* a WQ was enabled, or stop */
+	bool kicked;
+	bool stop;
+	atomic_uint_fast64_t sleeps; /* times the poller slept, for the idle-cost figures */
+};
+
+/* Takes every full slot once; returns how many it took. */
+static uint32_t sweep(struct poller *poller)
+{
+	uint32_t taken = 0;
+
+	for (uint32_t offset = 0; offset < poller->size; offset += DESC_SIZE) {
+		uint64_t *slot = (uint64_t *)(poller->base + offset);
+		uint64_t descriptor[DESC_SIZE / 8];
+
+		descriptor[0] = __atomic_load_n(&slot[0], __ATOMIC_ACQUIRE);
+		if (!descriptor[0])
+			continue;
+		for (unsigned q = 1; q < DESC_SIZE / 8; q++)
+			descriptor[q] = __atomic_load_n(&slot[q], __ATOMIC_RELAXED);
+		__atomic_store_n(&slot[0], 0, __ATOMIC_RELEASE);
+		engine_submit(poller->engine, offset, (const uint8_t *)descriptor);
+		taken++;
+	}
+	return taken;
+}
+
+static void *poll_portals(void *arg)
+{
+	struct poller *poller = arg;
+	uint32_t empty = 0;
+	long sleep_ns = FIRST_SLEEP_NS;
+
+	for (;;) {
+		if (sweep(poller)) {
+			empty = 0;
+			sleep_ns = FIRST_SLEEP_NS;
+			continue;
+		}
+		if (++empty < SPIN_SWEEPS)
+			continue;
+		pthread_mutex_lock(&poller->lock);
+		/* With no WQ enabled there is nothing to take until an enable kicks. */
+		while (!poller->stop && !poller->kicked && !engine_any_wq_enabled(poller->engine))
+			pthread_cond_wait(&poller->kick, &poller->lock);
+		if (!poller->stop && !poller->kicked) {
+			struct timespec until;
+
+			clock_gettime(CLOCK_MONOTONIC, &until);
+			until.tv_nsec += sleep_ns;
+			until.tv_sec += until.tv_nsec / 1000000000L;
+			until.tv_nsec %= 1000000000L;
+			pthread_cond_timedwait(&poller->kick, &poller->lock, &until);
+			atomic_fetch_add(&poller->sleeps, 1);
+		}
+		if (poller->kicked) {
+			poller->kicked = false;
+			empty = 0;
+			sleep_ns = FIRST_SLEEP_NS;
+		} else if (sleep_ns < LONGEST_SLEEP_NS) {
+			sleep_ns *= 2;
+		}
+		if (poller->stop) {
+			pthread_mutex_unlock(&poller->lock);
+			return NULL;
+		}
+		pthread_mutex_unlock(&poller->lock);
+	}
+}
+
+struct poller *poller_create(struct vdsa_engine *engine, uint32_t size, int *error)
+{
+	struct poller *poller = calloc(1, sizeof(*poller));
+	pthread_condattr_t attr;
+	int rc;
+
+	if (!poller) {
+		*error = -ENOMEM;
+		return NULL;
+	}
+	poller->engine = engine;
+	poller->size = size;
+	poller->base = MAP_FAILED;
+	poller->fd = memfd_create("vdsa-portals", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	/* The client maps this file: it must never shrink under the poller. */
+	if (poller->fd < 0 || ftruncate(poller->fd, size) != 0 ||
+	    fcntl(poller->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
+		goto fail_errno;
+	poller->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, poller->fd, 0);
+	if (poller->base == MAP_FAILED)
+		goto fail_errno;
+	pthread_mutex_init(&poller->lock, NULL);
+	pthread_condattr_init(&attr);
+	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+	pthread_cond_init(&poller->kick, &attr);
+	pthread_condattr_destroy(&attr);
+	rc = pthread_create(&poller->thread, NULL, poll_portals, poller);
+	if (rc == 0)
+		return poller;
+	pthread_cond_destroy(&poller->kick);
+	pthread_mutex_destroy(&poller->lock);
+	*error = -rc;
+	goto release;
+fail_errno:
+	*error = -errno;
+release:
+	if (poller->base != MAP_FAILED)
+		munmap(poller->base, size);
+	if (poller->fd >= 0)
+		close(poller->fd);
+	free(poller);
+	return NULL;
+}
+
+void poller_destroy(struct poller *poller)
+{
+	if (!poller)
+		return;
+	pthread_mutex_lock(&poller->lock);
+	poller->stop = true;
+	pthread_cond_signal(&poller->kick);
+	pthread_mutex_unlock(&poller->lock);
+	pthread_join(poller->thread, NULL);
+	pthread_cond_destroy(&poller->kick);
+	pthread_mutex_destroy(&poller->lock);
+	munmap(poller->base, poller->size);
+	close(poller->fd);
+	free(poller);
+}
+
+void poller_kick(struct poller *poller)
+{
+	pthread_mutex_lock(&poller->lock);
+	poller->kicked = true;
+	pthread_cond_signal(&poller->kick);
+	pthread_mutex_unlock(&poller->lock);
+}
+
+int poller_fd(const struct poller *poller)
+{
+	return poller->fd;
+}
+
+uint64_t poller_sleeps(struct poller *poller)
+{
+	return atomic_load(&poller->sleeps);
+}
