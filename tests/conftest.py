@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.c_layouts import extract_headers
+from vdsa_server.device.config import PortalMode
 from vdsa_server.launch.launcher import BootSpec, GuestRun, boot
 
 BootGuest = Callable[..., Awaitable[GuestRun]]
@@ -105,6 +106,13 @@ def vdsa_env() -> dict[str, str]:
     """The environment for a `vdsa` process: it loads the sanitized engine, so it needs
     the sanitizer runtimes preloaded."""
     return {**os.environ, "LD_PRELOAD": os.environ.get(SANITIZER_PRELOAD, "")}
+
+
+def portal_config(mode: PortalMode, directory: Path) -> list[str]:
+    """`vdsa boot --serve` options for a device whose portals are ``mode``."""
+    path = directory / f"portals-{mode.value}.toml"
+    path.write_text(f'portals = "{mode.value}"\n')
+    return ["--config", str(path)]
 
 
 def run_cli(*args: str, log_dir: Path) -> CliBoot:

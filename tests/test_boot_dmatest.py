@@ -11,8 +11,9 @@ import re
 
 import pytest
 
-from tests.conftest import CliBoot, run_cli
+from tests.conftest import CliBoot, portal_config, run_cli
 from tests.test_boot_device import EXPECTED_IDXD_LINES, SCRIPTS, results
+from vdsa_server.device.config import PortalMode
 
 pytestmark = pytest.mark.boot
 
@@ -30,10 +31,13 @@ SUMMARY = re.compile(
 KERNEL_TROUBLE = ("WARNING:", "BUG:", "Oops", "Call Trace:")
 
 
-@pytest.fixture(scope="module")
-def dmatest(tmp_path_factory: pytest.TempPathFactory) -> CliBoot:
-    return run_cli("boot", "--serve", "--script", str(SCRIPTS / "dmatest.sh"),
-                   log_dir=tmp_path_factory.mktemp("dmatest"))
+@pytest.fixture(scope="module", params=list(PortalMode), ids=lambda mode: mode.value)
+def dmatest(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> CliBoot:
+    """One boot per portal mode: the guest's MOVDIR64Bs trapped as messages, or stored into
+    the mapped BAR that the engine polls."""
+    log_dir = tmp_path_factory.mktemp(f"dmatest-{request.param.value}")
+    return run_cli("boot", "--serve", *portal_config(request.param, log_dir),
+                   "--script", str(SCRIPTS / "dmatest.sh"), log_dir=log_dir)
 
 
 def assert_checks_pass(boot: CliBoot, *names: str) -> None:

@@ -17,6 +17,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -26,7 +27,7 @@
 /* Empty sweeps in a row before the poller starts to sleep, and its longest sleep: busy, it
  * answers within one sweep; idle with a WQ enabled, one short wake-up per 4 ms; with
  * none enabled, nothing. */
-#define SPIN_SWEEPS 4096u
+#define SPIN_SWEEPS 256u
 #define FIRST_SLEEP_NS 1000L
 #define LONGEST_SLEEP_NS 4000000L
 
@@ -76,8 +77,11 @@ static void *poll_portals(void *arg)
 			sleep_ns = FIRST_SLEEP_NS;
 			continue;
 		}
-		if (++empty < SPIN_SWEEPS)
+		if (++empty < SPIN_SWEEPS) {
+			/* The submitter may need this core (a vCPU thread): spin politely. */
+			sched_yield();
 			continue;
+		}
 		pthread_mutex_lock(&poller->lock);
 		/* With no WQ enabled there is nothing to take until an enable kicks. */
 		while (!poller->stop && !poller->kicked && !engine_any_wq_enabled(poller->engine))

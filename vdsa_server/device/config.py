@@ -107,9 +107,7 @@ class DeviceConfig:
     """Topology and capabilities of the emulated DSA 1.x function."""
 
     mode: ConfigMode = ConfigMode.CONFIGURABLE
-    # Trapped until vdsa's QEMU makes MOVDIR64B wait for a free slot of a mapped portal:
-    # without that, a guest's stores overrun slots the engine has not read yet.
-    portals: PortalMode = PortalMode.TRAPPED
+    portals: PortalMode = PortalMode.MAPPED
     num_wqs: int = 8
     num_engines: int = 4
     num_groups: int = 4
