@@ -74,41 +74,34 @@ def refused_message(kind: str, msg_id: int) -> bytes:
                           encode_region_access(NO_SUCH_REGION, 0, 4))
 
 
-@pytest.mark.parametrize("kind", ["reply-type", "no-payload", "no-such-region"])
-@pytest.mark.parametrize("messages", [1, 2, 3, 5])
-async def test_hang_up_on_unread_error_replies(tmp_path: Path, kind: str, messages: int) -> None:
-    sock = tmp_path / "dsa.sock"
+async def survives_hang_ups_after(sock: Path, sent: bytes) -> None:
+    """A peer sends ``sent`` after the handshake and hangs up without reading anything;
+    ROUNDS times, each followed by a client that must be served."""
     async with running_server(sock) as server:
         for _ in range(ROUNDS):
             before = server.connections
             async with handshaken_peer(sock) as peer:
-                await peer.send(b"".join(refused_message(kind, msg_id)
-                                         for msg_id in range(1, messages + 1)))
+                await peer.send(sent)
             await still_serves(sock, server, before)
+
+
+@pytest.mark.parametrize("kind", ["reply-type", "no-payload", "no-such-region"])
+@pytest.mark.parametrize("messages", [1, 2, 3, 5])
+async def test_hang_up_on_unread_error_replies(tmp_path: Path, kind: str, messages: int) -> None:
+    await survives_hang_ups_after(tmp_path / "dsa.sock", b"".join(
+        refused_message(kind, msg_id) for msg_id in range(1, messages + 1)))
 
 
 @pytest.mark.parametrize("sent", [0, 4, 15])
 async def test_hang_up_inside_a_message_body(tmp_path: Path, sent: int) -> None:
     """The header announces a 16-byte body; ``sent`` bytes of it come, then the hang-up."""
-    sock = tmp_path / "dsa.sock"
     message = encode_message(1, Command.REGION_READ, encode_region_access(CONFIG_REGION, 0, 4))
-    async with running_server(sock) as server:
-        for _ in range(ROUNDS):
-            before = server.connections
-            async with handshaken_peer(sock) as peer:
-                await peer.send(message[:HEADER_SIZE + sent])
-            await still_serves(sock, server, before)
+    await survives_hang_ups_after(tmp_path / "dsa.sock", message[:HEADER_SIZE + sent])
 
 
 async def test_hang_up_after_good_messages_with_unread_replies(tmp_path: Path) -> None:
-    sock = tmp_path / "dsa.sock"
     message = encode_message(1, Command.REGION_READ, encode_region_access(CONFIG_REGION, 0, 4))
-    async with running_server(sock) as server:
-        for _ in range(ROUNDS):
-            before = server.connections
-            async with handshaken_peer(sock) as peer:
-                await peer.send(message * 20)
-            await still_serves(sock, server, before)
+    await survives_hang_ups_after(tmp_path / "dsa.sock", message * 20)
 
 
 async def test_zero_byte_region_access_is_refused(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from vdsa_server.builds.qemu_build import (
     ensure_build_tools,
     ensure_qemu_source,
 )
-from vdsa_server.builds.steps import NINJA_PROGRESS, run_step
+from vdsa_server.builds.steps import NINJA_PROGRESS, apply_patches, patch_files, run_step
 from vdsa_server.log import get_logger
 from vdsa_server.paths import LIBVFIO_USER_PATCHES, require_checkout
 
@@ -35,7 +35,7 @@ SAMPLES = ("gpio-pci-idio-16", "server")
 
 def patches() -> list[Path]:
     require_checkout()
-    return sorted(LIBVFIO_USER_PATCHES.glob("*.patch"))
+    return patch_files(LIBVFIO_USER_PATCHES)
 
 
 def libvfio_user_artifact() -> Artifact:
@@ -76,9 +76,7 @@ async def build_libvfio_user(*, force: bool = False) -> Path:
         # A private copy: the patches never touch the shared source tree.
         await run_step("libvfio-user.copy-source",
                        ["cp", "-a", source.tree / "subprojects/libvfio-user", tree], log_file=logs)
-        for patch in patches():
-            await run_step(f"libvfio-user.patch.{patch.name}",
-                           ["patch", "-p1", "--forward", "-i", patch], cwd=tree, log_file=logs)
+        await apply_patches("libvfio-user", patches(), tree, log_file=logs)
         await run_step("libvfio-user.meson",
                        [python, "-m", "mesonbuild.mesonmain", "setup", build_dir, tree,
                         *MESON_OPTIONS],

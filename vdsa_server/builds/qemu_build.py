@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vdsa_server.builds.cache import Artifact, artifact, cache_root, tree_digest
-from vdsa_server.builds.steps import NINJA_PROGRESS, run_step
+from vdsa_server.builds.steps import NINJA_PROGRESS, apply_patches, patch_files, run_step
 from vdsa_server.log import get_logger
 from vdsa_server.paths import QEMU_PATCHES, require_checkout
 
@@ -58,7 +58,7 @@ def qemu_source_artifact() -> Artifact:
 
 def patches() -> list[Path]:
     require_checkout()
-    return sorted(QEMU_PATCHES.glob("*.patch"))
+    return patch_files(QEMU_PATCHES)
 
 
 def qemu_artifact() -> Artifact:
@@ -127,9 +127,7 @@ async def build_qemu(*, force: bool = False) -> Path:
         tree = scratch / "src"
         # A private copy: patches and build products never touch the shared tree.
         await run_step("qemu.copy-source", ["cp", "-a", source.tree, tree], log_file=logs)
-        for patch in patches():
-            await run_step(f"qemu.patch.{patch.name}",
-                           ["patch", "-p1", "--forward", "-i", patch], cwd=tree, log_file=logs)
+        await apply_patches("qemu", patches(), tree, log_file=logs)
         build_dir = tree / "build"
         build_dir.mkdir()
         await run_step("qemu.configure", ["../configure", f"--python={python}", *CONFIGURE_FLAGS],

@@ -88,3 +88,15 @@ async def run_step(
             f"last output lines (full log: {log_file}):\n{excerpt}"
         )
     log.info("build.step.done", step=name, seconds=elapsed)
+
+
+def patch_files(directory: Path) -> list[Path]:
+    """The ``*.patch`` files of ``directory``, in the name order they apply in."""
+    return sorted(directory.glob("*.patch"))
+
+
+async def apply_patches(component: str, patches: Sequence[Path], tree: Path, *,
+                        log_file: Path) -> None:
+    for patch in patches:
+        await run_step(f"{component}.patch.{patch.name}",
+                       ["patch", "-p1", "--forward", "-i", patch], cwd=tree, log_file=log_file)
