@@ -188,6 +188,9 @@ class VdsaServer:
         pcie.hdr = CapHdr(id=CapId.EXP)
         pcie.pxcaps.ver = PCI_EXP_CAP_VERSION
         pcie.pxcaps.dpt = PCI_EXP_TYPE_RC_END
+        # Function Level Reset, as DSA has it: a guest's vfio-pci resets the function
+        # between users with it (libvfio-user calls the reset callback).
+        pcie.pxdcap.flrc = 1
         ctx.add_capability(pcie)
 
         msix = MsixSpec(vectors=device.num_msix, table_offset=device.msix_table_offset,
@@ -256,6 +259,11 @@ class VdsaServer:
         log.info("transport.reset", reason=reset_type.name.lower())
         self.engine.irq_reset()
         self.device.reset()
+        if reset_type is ResetType.PCI_FLR:
+            # An FLR also returns the Command register to its reset value: no decode, no
+            # bus mastering, until the guest's driver enables them again.
+            config = self._ctx.config_space
+            config[PCI_COMMAND_OFFSET:PCI_COMMAND_OFFSET + 2] = bytes(2)
 
     async def _report_software_errors(self) -> None:
         """Descriptor errors with no completion record to go to become SWERR."""
