@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from vdsa_server.builds.guest_image import GuestImage
 from vdsa_server.builds.qemu_build import cached_qemu_binary
 from vdsa_server.builds.steps import BuildError, run_step
 from vdsa_server.device.config import DeviceConfig
@@ -127,3 +128,18 @@ async def test_kvm_probe_follows_the_host_cpu(tmp_path: Path) -> None:
         spec = BootSpec(script=b"true", profile="kvm", log_dir=tmp_path)
         with pytest.raises(NoMovdir64b, match=r"-cpu host under kvm"):
             await launcher.boot(spec)
+
+
+@pytest.mark.parametrize("iommu", list(launcher.Iommu))
+def test_a_viommu_comes_before_the_device_with_caching_mode(iommu: launcher.Iommu) -> None:
+    guest = GuestImage(kernel=Path("vmlinuz"), initramfs=Path("initrd"), kernel_version="6.1")
+    argv = launcher.qemu_argv(Path("qemu"), launcher.load_profiles()["tcg"], "max", guest,
+                              Path("initrd"), (), Path("dsa.sock"), iommu)
+    devices = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-device"]
+    assert devices[0].startswith("intel-iommu,caching-mode=on")
+    assert '"driver":"vfio-user-pci"' in devices[1]
+    assert ("x-scalable-mode=on" in devices[0]) == (iommu is launcher.Iommu.SCALABLE)
+    cmdline = argv[argv.index("-append") + 1]
+    assert "intel_iommu=on" in cmdline
+    assert "iommu=nopt" in cmdline
+    assert ("sm_on" in cmdline) == (iommu is launcher.Iommu.SCALABLE)

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--profile", default="tcg",
                       help="launch profile (qemu-configs/profiles.toml)")
     boot.add_argument("--cpu", help="guest CPU model instead of the profile's")
+    boot.add_argument("--iommu", choices=["legacy", "scalable"],
+                      help="put QEMU's intel-iommu (caching mode) in front of the device and "
+                      "turn DMA remapping on in the guest (scalable: scalable mode)")
     boot.add_argument("--qemu", type=Path,
                       help="QEMU binary to use (default: $VDSA_QEMU, else vdsa's own build)")
     boot.add_argument("--firmware-dir", type=Path, action="append",
@@ -250,6 +253,7 @@ def _boot(args: argparse.Namespace) -> int:
     from vdsa_server.launch.launcher import (
         DEFAULT_FIRMWARE_DIRS,
         BootSpec,
+        Iommu,
         boot,
         boot_with_server,
     )
@@ -261,6 +265,7 @@ def _boot(args: argparse.Namespace) -> int:
         script=args.script.read_bytes(), files=files, socket=socket, profile=args.profile,
         cpu=args.cpu, qemu=args.qemu, firmware_dirs=args.firmware_dir or DEFAULT_FIRMWARE_DIRS,
         timeout=args.timeout, log_dir=log_dir,
+        iommu=Iommu(args.iommu) if args.iommu else None,
     )
     if args.serve:
         run = trio.run(boot_with_server, spec, _device_config(args.config), _streamer(args.json))

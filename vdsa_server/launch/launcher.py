@@ -9,6 +9,7 @@ ends (guest power-off, timeout, panic, cancellation).
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import signal
@@ -204,6 +205,31 @@ def check_server_socket(path: Path) -> None:
         raise ServerSocketMissing(f"{path} exists but is not a UNIX socket")
 
 
+class Iommu(enum.Enum):
+    """A guest vIOMMU (QEMU's intel-iommu) in front of the vfio-user device: ``legacy``
+    (second-level translation) or ``scalable`` (scalable mode, with PASID)."""
+
+    LEGACY = "legacy"
+    SCALABLE = "scalable"
+
+    @property
+    def device(self) -> str:
+        # Caching mode makes the guest report every mapping, which QEMU needs in order to
+        # pass the maps to a vfio device (without it QEMU aborts when the guest enables DMA
+        # remapping).  It must come before the vfio-user device.
+        options = "intel-iommu,caching-mode=on,intremap=on"
+        if self is Iommu.SCALABLE:
+            options += ",x-scalable-mode=on,x-pasid-mode=on"
+        return options
+
+    @property
+    def kernel_options(self) -> str:
+        # iommu=nopt: DMA goes through the IOMMU for kernel drivers too, not passed through.
+        if self is Iommu.SCALABLE:
+            return "intel_iommu=on,sm_on iommu=nopt"
+        return "intel_iommu=on iommu=nopt"
+
+
 @dataclass
 class BootSpec:
     """What to boot.  ``socket`` adds a vfio-user-pci device connected to the
@@ -219,6 +245,7 @@ class BootSpec:
     timeout: float = 600.0
     log_dir: Path | None = None
     guest: GuestImage | None = None
+    iommu: Iommu | None = None
 
 
 @dataclass(frozen=True)
@@ -236,13 +263,17 @@ class GuestRun:
 
 
 def qemu_argv(qemu: Path, profile: Profile, cpu: str, guest: GuestImage, initrd: Path,
-              firmware_dirs: Sequence[Path], socket: Path | None) -> list[str]:
+              firmware_dirs: Sequence[Path], socket: Path | None,
+              iommu: Iommu | None = None) -> list[str]:
     argv = [str(qemu), "-no-user-config", "-nodefaults", "-readconfig", str(profile.readconfig),
             "-cpu", cpu, "-display", "none", "-no-reboot", "-nic", "none"]
     for directory in firmware_dirs:
         argv += ["-L", str(directory)]
+    cmdline = KERNEL_CMDLINE if iommu is None else f"{KERNEL_CMDLINE} {iommu.kernel_options}"
     argv += ["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
-             "-kernel", str(guest.kernel), "-initrd", str(initrd), "-append", KERNEL_CMDLINE]
+             "-kernel", str(guest.kernel), "-initrd", str(initrd), "-append", cmdline]
+    if iommu is not None:
+        argv += ["-device", iommu.device]
     if socket is not None:
         device = {"driver": "vfio-user-pci", "id": "vdsa0",
                   "socket": {"type": "unix", "path": str(socket)}}
@@ -295,7 +326,8 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
     console_log = log_dir / "console.log"
     initrd = log_dir / "initrd.img"
     initrd.write_bytes(guest.initramfs.read_bytes() + script_archive(spec.script, spec.files))
-    argv = qemu_argv(qemu, profile, cpu, guest, initrd, spec.firmware_dirs, spec.socket)
+    argv = qemu_argv(qemu, profile, cpu, guest, initrd, spec.firmware_dirs, spec.socket,
+                     spec.iommu)
     (log_dir / "qemu-argv.json").write_text(json.dumps(argv, indent=1) + "\n")
 
     transcript = console.Transcript()
