@@ -161,6 +161,9 @@ HARNESS_CASES = {
                 for p in ("p50", "p99")],
     "scaling": [f"memmove {s} on {n}" for s in ("64 KiB", "1 MiB")
                 for n in ("1 WQ", "2 WQs", "4 WQs")],
+    "memmove (mapped)": [f"memmove {s} (mapped)" for s in ("64 B", "4 KiB", "64 KiB", "1 MiB")],
+    "latency (mapped)": [f"latency 64 B memmove, {mode}, {p} (mapped)"
+                         for mode in ("interrupt", "polling") for p in ("p50", "p99")],
 }
 
 

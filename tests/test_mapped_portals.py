@@ -5,9 +5,7 @@ program order)."""
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import mmap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +27,7 @@ from tests.test_engine import (
 )
 from tests.test_engine_protocol import server_thread
 from vdsa_server.client import VfioUserClient
+from vdsa_server.client.portals import MappedPortals
 from vdsa_server.client.protocol import RegionInfoFlag
 from vdsa_server.device.config import DeviceConfig, PortalMode
 from vdsa_server.device.pci import Bar
@@ -40,29 +39,17 @@ SLOTS_PER_WQ = WQ_PORTALS // 64
 BATCH_LIST = RECORD + 0x10000
 
 
-class Portals:
-    """The submitter's view of BAR2: the memfd, mapped as a client maps it."""
+class Portals(MappedPortals):
+    """The submitter's view of BAR2, addressed by WQ and slot."""
 
     def __init__(self, fd: int, size: int) -> None:
-        self.map = mmap.mmap(fd, size)
-        self.qwords = (ctypes.c_uint64 * (size // 8)).from_buffer(self.map)
+        super().__init__(fd, size, WAIT)
 
-    def qword0(self, wq: int, slot: int) -> int:
-        return int(self.qwords[(wq * WQ_PORTALS + slot * 64) // 8])
+    def qword0_of(self, wq: int, slot: int) -> int:
+        return self.qword(wq * WQ_PORTALS + slot * 64)
 
-    def submit(self, wq: int, data: bytes, slot: int = 0) -> None:
-        first = (wq * WQ_PORTALS + slot * 64) // 8
-        deadline = time.monotonic() + WAIT
-        while self.qwords[first]:
-            assert time.monotonic() < deadline, f"slot {slot} of WQ {wq} never freed"
-        words = [int.from_bytes(data[i:i + 8], "little") for i in range(0, 64, 8)]
-        for q in range(7, 0, -1):
-            self.qwords[first + q] = words[q]
-        self.qwords[first] = words[0]
-
-    def close(self) -> None:
-        del self.qwords
-        self.map.close()
+    def submit_to(self, wq: int, data: bytes, slot: int = 0) -> None:
+        self.submit(wq * WQ_PORTALS + slot * 64, data)
 
 
 @pytest.fixture
@@ -87,10 +74,10 @@ def test_a_descriptor_written_to_a_slot_runs_and_the_slot_is_handed_back(
         mapped: tuple[Rig, Portals]) -> None:
     rig, portals = mapped
     rig.put(DATA, bytes(range(256)) * 16)
-    portals.submit(0, rig.memmove(0, 4096), slot=9)
+    portals.submit_to(0, rig.memmove(0, 4096), slot=9)
     assert rig.wait_status(0) == 1
     assert rig.at(DATA + (8 << 20), 4096) == bytes(range(256)) * 16
-    assert portals.qword0(0, 9) == 0
+    assert portals.qword0_of(0, 9) == 0
     assert rig.engine.counters(0).submitted == 1
 
 
@@ -100,7 +87,7 @@ def test_many_descriptors_rotating_over_every_slot_all_complete(
     rig, portals = mapped
     count = 3 * SLOTS_PER_WQ
     for index in range(count):
-        portals.submit(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 32 * index),
+        portals.submit_to(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 32 * index),
                        slot=index % SLOTS_PER_WQ)
         if index % SETTINGS.size == SETTINGS.size - 1:
             rig.wait_status(index)  # stay within the WQ, as a driver's credits do
@@ -113,26 +100,26 @@ def test_one_slot_written_again_and_again_loses_nothing(mapped: tuple[Rig, Porta
     """DPDK's pattern: every descriptor to the same address."""
     rig, portals = mapped
     for index in range(200):
-        portals.submit(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 32 * index))
+        portals.submit_to(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 32 * index))
         rig.wait_status(index)
     assert rig.engine.counters(0).submitted == 200
 
 
 def test_a_slot_without_qword_0_is_left_alone(mapped: tuple[Rig, Portals]) -> None:
     rig, portals = mapped
-    first = 3 * 8
+    slot = 3 * 64
     for q in range(1, 8):
-        portals.qwords[first + q] = 0xA5A5A5A5A5A5A5A5
+        portals.store_raw(slot + 8 * q, 0xA5A5A5A5A5A5A5A5)
     time.sleep(0.05)
     assert rig.engine.counters(0).submitted == 0
-    assert [portals.qwords[first + q] for q in range(1, 8)] == [0xA5A5A5A5A5A5A5A5] * 7
+    assert [portals.qword(slot + 8 * q) for q in range(1, 8)] == [0xA5A5A5A5A5A5A5A5] * 7
 
 
 def test_slots_of_a_disabled_wq_are_taken_and_dropped(mapped: tuple[Rig, Portals]) -> None:
     rig, portals = mapped
-    portals.submit(2, descriptor(OP_NOOP, COMPLETE, record=RECORD), slot=1)
+    portals.submit_to(2, descriptor(OP_NOOP, COMPLETE, record=RECORD), slot=1)
     wait_until(lambda: rig.engine.counters(2).dropped_disabled == 1, "the drop was not counted")
-    assert portals.qword0(2, 1) == 0
+    assert portals.qword0_of(2, 1) == 0
     assert rig.status(0) == 0
 
 
@@ -145,9 +132,9 @@ def test_a_full_wq_drops_what_does_not_fit(mapped: tuple[Rig, Portals]) -> None:
     rig.put(BATCH_LIST, copy * 64)
     long_copy = descriptor(OP_BATCH, COMPLETE, record=RECORD, src=BATCH_LIST, size=64)
     for index in range(20):
-        portals.submit(0, long_copy if index == 0 else descriptor(
+        portals.submit_to(0, long_copy if index == 0 else descriptor(
             OP_NOOP, COMPLETE, record=RECORD + 32 * index), slot=index % SLOTS_PER_WQ)
-    wait_until(lambda: portals.qword0(0, 19) == 0, "the last slot was not taken")
+    wait_until(lambda: portals.qword0_of(0, 19) == 0, "the last slot was not taken")
     counters = rig.engine.counters(0)
     assert counters.submitted + counters.dropped_full == 20
     assert counters.dropped_full > 0
@@ -157,7 +144,7 @@ def test_an_idle_poller_sleeps_and_an_enable_wakes_it(mapped: tuple[Rig, Portals
     rig, portals = mapped
     wait_until(lambda: rig.engine.portal_sleeps() > 20, "the idle poller never slept")
     rig.engine.enable_wq(1, SETTINGS)
-    portals.submit(1, descriptor(OP_NOOP, COMPLETE, record=RECORD))
+    portals.submit_to(1, descriptor(OP_NOOP, COMPLETE, record=RECORD))
     assert rig.wait_status(0) == 1
 
 
@@ -188,7 +175,7 @@ async def test_a_client_maps_bar2_and_submits_through_memory_and_messages(
         try:
             noop = guest_descriptor(DsaOpcode.NOOP)
             guest.memory.write(GUEST_RECORD, bytes(32))
-            portals.submit(0, noop, slot=4)
+            portals.submit_to(0, noop, slot=4)
             assert await guest.interrupt(1) == 1
             assert guest.status(GUEST_RECORD) == 1
             trapped = await guest.run(noop)

@@ -9,6 +9,8 @@ import itertools
 import trio
 
 from vdsa_server.client.client import GuestMemory, IrqEventfd, VfioUserClient
+from vdsa_server.client.portals import MappedPortals
+from vdsa_server.client.protocol import RegionInfoFlag
 from vdsa_server.device.descriptors import DsaCompletionRecord, DsaHwDesc, IdxdOpFlag
 from vdsa_server.device.pci import PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, Bar
 from vdsa_server.device.registers import (
@@ -80,6 +82,20 @@ class DsaDriver:
         self.vectors: list[IrqEventfd] = []
         self._slots = itertools.count()
         self._grpcfg = self._wqcfg = self._wqcfg_size = 0
+        self.portals: MappedPortals | None = None
+
+    async def map_portals(self) -> None:
+        """Submit from now on by storing into BAR2 mapped from the server's fd, as a guest
+        does with mapped portals; ``unmap_portals`` goes back to region writes."""
+        info = await self.client.device_get_region_info(Bar.PORTALS)
+        if RegionInfoFlag.MMAP not in info.flags or not info.fds:
+            raise DriverError("the server offers BAR2 as no mappable region")
+        self.portals = MappedPortals(info.fds[0], info.size, self.wait_limit)
+
+    def unmap_portals(self) -> None:
+        if self.portals is not None:
+            self.portals.close()
+            self.portals = None
 
     async def set_up(self) -> None:
         """Memory decode and bus mastering, every MSI-X vector, the table offsets, DMA."""
@@ -156,12 +172,16 @@ class DsaDriver:
                      portal: IdxdPortal = IdxdPortal.LIMITED_MSIX, slot: int | None = None
                      ) -> None:
         """A MOVDIR64B: eight ascending 8-byte writes into one 64-byte portal slot, posted
-        (No_reply) as QEMU posts BAR writes. Slots are used in turn unless one is given."""
+        (No_reply) as QEMU posts BAR writes, or with mapped portals the slot handshake in
+        memory. Slots are used in turn unless one is given."""
         if len(desc) != DESCRIPTOR_SIZE:
             raise ValueError(f"a descriptor is {DESCRIPTOR_SIZE} bytes, not {len(desc)}")
         if slot is None:
             slot = next(self._slots) % SLOTS_PER_PORTAL
         offset = wq_portal_offset(wq, portal) + slot * DESCRIPTOR_SIZE
+        if self.portals is not None:
+            self.portals.submit(offset, desc)
+            return
         await self.client.post_region_writes(
             Bar.PORTALS, [(offset + i, desc[i:i + MOVDIR64B_STORE])
                           for i in range(0, DESCRIPTOR_SIZE, MOVDIR64B_STORE)])

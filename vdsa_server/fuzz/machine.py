@@ -36,6 +36,7 @@ from vdsa_server.fuzz.connection import Connection, Dropped, Reply, ServerHung
 from vdsa_server.fuzz.target import FuzzTarget
 
 FD_SETTLE = 2.0  # for the server to drop a closed connection's fds
+DEATH_SETTLE = 2.0  # for a server whose socket failed to show that it has ended
 PCI_VENDOR_ID_INTEL = 0x8086
 DMA_R, DMA_W = 1, 2
 UNMAP_ALL = 2
@@ -145,7 +146,7 @@ class ProtocolMachine(RuleBasedStateMachine):
                     undo.pop_all()
                 self._connection = connection
             except (OSError, Dropped, ServerHung) as failed:
-                self.target.check_alive()
+                self.target.check_alive(settle=DEATH_SETTLE)
                 raise FuzzFailure(f"a new connection failed: {failed!r}") from failed
             self.maps = []
         return self._connection
@@ -174,13 +175,13 @@ class ProtocolMachine(RuleBasedStateMachine):
             except Dropped:
                 self.tally.count(name, valid, "dropped")
                 self.hang_up()
-                self.target.check_alive()
+                self.target.check_alive(settle=DEATH_SETTLE if valid else 0.0)
                 if valid:
                     raise FuzzFailure(f"a valid {name} ended the connection: "
                                           f"{payload.hex()}") from None
                 return None
             except ServerHung:
-                self.target.check_alive()
+                self.target.check_alive(settle=DEATH_SETTLE)
                 raise FuzzFailure(f"no reply to {name} within the limit: the server "
                                       f"hangs; {self.target.describe_log()}") from None
         outcome = "ok" if reply.errno == 0 else f"errno {reply.errno}"
@@ -378,7 +379,7 @@ def check_serves(target: FuzzTarget) -> None:
             reply = connection.exchange(1, Command.REGION_READ, encode_message(
                 1, Command.REGION_READ, m.region_access(m.CONFIG_REGION, 0, 2)))
     except (Dropped, ServerHung, OSError) as failed:
-        target.check_alive()
+        target.check_alive(settle=DEATH_SETTLE)
         raise FuzzFailure(f"the server no longer serves a new client: {failed}; "
                           f"{target.describe_log()}") from failed
     vendor = int.from_bytes(reply.payload[16:18], "little")

@@ -71,8 +71,14 @@ class FuzzTarget:
     def pid(self) -> int:
         return self.process.pid
 
-    def check_alive(self) -> None:
-        code = self.process.poll()
+    def check_alive(self, settle: float = 0.0) -> None:
+        """Raise TargetDied if the server has ended.  ``settle``: after a failure seen from
+        outside (a reset connection), the time to let a dying process finish, since its
+        socket closes before its exit can be seen."""
+        try:
+            code = self.process.wait(settle) if settle else self.process.poll()
+        except subprocess.TimeoutExpired:
+            code = None
         if code is not None:
             raise TargetDied(f"vdsa serve ended with {code}; {self.describe_log()}")
 
