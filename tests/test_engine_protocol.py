@@ -913,16 +913,22 @@ async def find_pcie_capability(client: VfioUserClient) -> int:
 # --- DMA unmap while busy -------------------------------------------------------------------------
 
 
-async def test_dma_unmap_while_busy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("portals", ["trapped", "mapped"])
+async def test_dma_unmap_while_busy(tmp_path: Path, portals: str) -> None:
     """A long batch alternates 2 MiB copies inside BIG with 2 MiB fills of CANARY, each entry
     with a record in MAIN. CANARY, then BIG, is unmapped while it runs: each unmap completes,
     the entries after it fault, and once it has returned the engine never writes the region.
-    The server runs in a process of its own: a write after the unmap would crash it."""
+    The server runs in a process of its own: a write after the unmap would crash it. The
+    batch and the descriptors after it are submitted through region writes, or stored into the
+    mapped BAR."""
     socket, log = tmp_path / "dsa.sock", tmp_path / "server.log"
     async with server_process(socket, log) as server, connected_guest(socket, None) as guest:
         try:
+            if portals == "mapped":
+                await guest.map_portals()
             await unmap_while_busy(guest)
         finally:
+            guest.unmap_portals()
             # Reported over whatever else failed: a crash is what this test is about.
             assert server.returncode is None, f"the server died:\n{await server_log(log)}"
 
