@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from tests.conftest import vdsa_env
+from tests.test_server import PCI_CAP_ID_EXP, capabilities
 from vdsa_server.bench.harness import serving
 from vdsa_server.client import GuestMemory, PciIrq, VfioUserClient
 from vdsa_server.client.driver import (
@@ -62,16 +63,13 @@ from vdsa_server.engine import Engine
 from vdsa_server.server import VdsaServer
 
 MiB = 1 << 20
-WAIT = 5.0
-# Config space (include/uapi/linux/pci_regs.h).
-PCI_COMMAND_OFFSET = 0x04
-PCI_CAPABILITY_LIST = 0x34
-PCI_CAP_ID_EXP = 0x10
+WAIT = 5.0  # bound of any single wait for the device
+POLL = 0.001
+# The PCI Express capability's registers (include/uapi/linux/pci_regs.h).
 PCI_EXP_DEVCAP = 0x04
 PCI_EXP_DEVCAP_FLR = 1 << 28
 PCI_EXP_DEVCTL = 0x08
-PCI_EXP_DEVCTL_BCR_FLR = 1 << 15  # bound of any single wait for the device
-POLL = 0.001
+PCI_EXP_DEVCTL_BCR_FLR = 1 << 15
 
 # Guest memory. MAIN holds completion records, batch lists and small buffers; the IOVA space
 # right after it is unmapped, for faults.
@@ -883,14 +881,14 @@ async def test_function_level_reset_is_advertised_and_resets_the_function(guest:
     """The PCIe capability says FLR capable, as DSA's does; Initiate FLR in Device Control
     stops the work, returns the device to disabled and the Command register to zero, and
     the function can be set up again."""
-    pcie = await find_pcie_capability(guest.client)
+    pcie = (await capabilities(guest.client))[PCI_CAP_ID_EXP]
     assert await guest.client.config_read(pcie + PCI_EXP_DEVCAP, 4) & PCI_EXP_DEVCAP_FLR
     assert (await guest.run(descriptor(Op.NOOP))).status == S.SUCCESS
     await guest.client.config_write(pcie + PCI_EXP_DEVCTL, PCI_EXP_DEVCTL_BCR_FLR, 2)
-    assert await guest.client.config_read(PCI_COMMAND_OFFSET, 2) == 0
+    assert await guest.client.config_read(PCI_COMMAND, 2) == 0
     # What a driver does after an FLR: decode and bus mastering back, then its configuration
     # (DMA maps are the IOMMU's, not the function's: they stay).
-    await guest.client.config_write(PCI_COMMAND_OFFSET, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER,
+    await guest.client.config_write(PCI_COMMAND, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER,
                                     2)
     assert GenStsReg(bits=await guest.read32(IDXD_GENSTATS_OFFSET)).state == (
         IdxdDeviceStatusState.DISABLED)
@@ -898,16 +896,6 @@ async def test_function_level_reset_is_advertised_and_resets_the_function(guest:
     assert GenStsReg(bits=await guest.read32(IDXD_GENSTATS_OFFSET)).state == (
         IdxdDeviceStatusState.ENABLED)
     assert (await guest.run(descriptor(Op.NOOP, record=record_at(1)))).status == S.SUCCESS
-
-
-async def find_pcie_capability(client: VfioUserClient) -> int:
-    position = await client.config_read(PCI_CAPABILITY_LIST, 1)
-    while position:
-        header = await client.config_read(position, 2)
-        if header & 0xFF == PCI_CAP_ID_EXP:
-            return position
-        position = header >> 8
-    raise AssertionError("no PCI Express capability")
 
 
 # --- DMA unmap while busy -------------------------------------------------------------------------

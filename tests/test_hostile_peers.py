@@ -24,8 +24,9 @@ from vdsa_server.client.protocol import (
     encode_version,
 )
 from vdsa_server.server import VdsaServer
+from vdsa_server.vfio import PciRegion
 
-CONFIG_REGION = 7
+CONFIG_REGION = PciRegion.CONFIG
 NO_SUCH_REGION = 99
 ROUNDS = 3  # each trigger is repeated: one survival could be luck of timing
 WAIT = 10.0

@@ -9,6 +9,8 @@ import struct
 
 from hypothesis import strategies as st
 
+from vdsa_server.vfio import PciIrq, PciRegion
+
 PAGE = mmap.PAGESIZE
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
@@ -18,9 +20,9 @@ WINDOW = 0x1000_0000
 WINDOW_PAGES = 16
 MEMFD_PAGES = 8  # the size of each memfd the fuzzer sends with a map
 
-VFIO_PCI_NUM_REGIONS = 10  # with libvfio-user's migration region
-VFIO_PCI_NUM_IRQS = 5
-CONFIG_REGION = 7
+VFIO_PCI_NUM_REGIONS = len(PciRegion)  # with libvfio-user's migration region
+VFIO_PCI_NUM_IRQS = len(PciIrq)
+CONFIG_REGION = PciRegion.CONFIG
 
 
 def around(*points: int, top: int) -> st.SearchStrategy[int]:
