@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 
 from tests.c_layouts import extract_headers
+from vdsa_server.builds.debian_root import RELEASES
+from vdsa_server.builds.guest_image import DEFAULT_RELEASE
 from vdsa_server.device.config import PortalMode
 from vdsa_server.launch.launcher import BootSpec, GuestRun, boot
 
@@ -97,15 +99,30 @@ class CliBoot:
     returncode: int
     summary: dict[str, Any]
     log_dir: Path
+    release: str
 
     def context(self) -> str:
         return f"(console log: {self.log_dir / 'console.log'})"
+
+    @property
+    def dmesg_file(self) -> Path:
+        return self.log_dir / "dmesg.txt"
 
 
 def vdsa_env() -> dict[str, str]:
     """The environment for a `vdsa` process: it loads the sanitized engine, so it needs
     the sanitizer runtimes preloaded."""
     return {**os.environ, "LD_PRELOAD": os.environ.get(SANITIZER_PRELOAD, "")}
+
+
+# The boot matrix of the data-path tests: every release with the default mapped portals, and
+# the trapped path on the default release (the portal path is the server's, not the kernel's).
+RELEASE_PORTALS = [*((release, PortalMode.MAPPED) for release in RELEASES),
+                   (DEFAULT_RELEASE, PortalMode.TRAPPED)]
+
+
+def release_portal_id(case: tuple[str, PortalMode]) -> str:
+    return f"{case[0]}-{case[1].value}"
 
 
 def portal_config(mode: PortalMode, directory: Path) -> list[str]:
@@ -115,10 +132,12 @@ def portal_config(mode: PortalMode, directory: Path) -> list[str]:
     return ["--config", str(path)]
 
 
-def run_cli(*args: str, log_dir: Path) -> CliBoot:
+def run_cli(*args: str, log_dir: Path, release: str = DEFAULT_RELEASE) -> CliBoot:
+    """`vdsa ARGS --kernel RELEASE`, with its JSON summary."""
     done = subprocess.run(
-        [sys.executable, "-m", "vdsa_server", *args, "--json", "--log-dir", str(log_dir)],
+        [sys.executable, "-m", "vdsa_server", *args, "--kernel", release, "--json",
+         "--log-dir", str(log_dir)],
         capture_output=True, text=True, timeout=900, check=False, env=vdsa_env(),
     )
     assert done.stdout.strip(), f"no JSON from vdsa {args[0]}; stderr:\n{done.stderr}"
-    return CliBoot(done.returncode, json.loads(done.stdout), log_dir)
+    return CliBoot(done.returncode, json.loads(done.stdout), log_dir, release)

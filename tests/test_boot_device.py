@@ -1,8 +1,9 @@
-"""Boot tests of the virtual DSA with the guest's stock 6.1 idxd driver and
+"""Boot tests of the virtual DSA with each release's stock idxd driver and
 accel-config: probe, capabilities, configuration, enable/disable cycles, the
 unbind/rebind (reset) path, and read-only-config ("1dwq-v1") mode.
 
-Each mode is one boot through `vdsa boot --serve`, shared by its tests."""
+Each mode is one boot per release through `vdsa boot --serve`, shared by its
+tests."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import json
 import pytest
 
 from tests.conftest import CliBoot, run_cli
+from tests.kernel_bugs import EVL_FREE_NULL_DEREF, expect_bug
+from vdsa_server.builds.debian_root import RELEASES
 from vdsa_server.device.config import DeviceConfig
 from vdsa_server.device.descriptors import DsaOpcode
 from vdsa_server.paths import QEMU_CONFIGS
@@ -19,26 +22,35 @@ pytestmark = pytest.mark.boot
 
 SCRIPTS = QEMU_CONFIGS / "guest-scripts"
 READ_ONLY_CONFIG = QEMU_CONFIGS / "devices" / "read-only-1dwq.toml"
+# dsa-configure.sh takes about 10 s under TCG.
+STUCK_SCRIPT_SECONDS = 90
 # Driver warnings expected on this platform: no IOMMU for user SVA, and perfmon
 # advertised as absent.  Anything else from idxd at warning level is a finding.
 EXPECTED_IDXD_LINES = (
     "Unable to turn on user SVA feature.",
     "Failed to initialize perfmon. No PMU support: -19",
     "Intel(R) Accelerator Device (v100)",
+    # 6.12 and later, without an IOMMU: kernel WQs use DMA without a PASID.
+    "No in-kernel DMA with PASID. -1",
 )
 
 
-@pytest.fixture(scope="module")
-def configurable(tmp_path_factory: pytest.TempPathFactory) -> CliBoot:
+@pytest.fixture(scope="module", params=RELEASES)
+def configurable(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> CliBoot:
+    # A step that oopses under a lock (see test_boot_kernel_bugs) leaves the next one stuck.
     return run_cli("boot", "--serve", "--script", str(SCRIPTS / "dsa-configure.sh"),
-                   log_dir=tmp_path_factory.mktemp("dsa-configurable"))
+                   "--script-timeout", str(STUCK_SCRIPT_SECONDS),
+                   log_dir=tmp_path_factory.mktemp(f"dsa-configurable-{request.param}"),
+                   release=request.param)
 
 
-@pytest.fixture(scope="module")
-def read_only(tmp_path_factory: pytest.TempPathFactory) -> CliBoot:
+@pytest.fixture(scope="module", params=RELEASES)
+def read_only(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CliBoot:
     return run_cli("boot", "--serve", "--config", str(READ_ONLY_CONFIG),
                    "--script", str(SCRIPTS / "dsa-read-only.sh"),
-                   log_dir=tmp_path_factory.mktemp("dsa-read-only"))
+                   log_dir=tmp_path_factory.mktemp(f"dsa-read-only-{request.param}"),
+                   release=request.param)
 
 
 def results(boot: CliBoot) -> dict[str, str]:
@@ -52,7 +64,9 @@ def assert_checks_pass(boot: CliBoot, *names: str) -> None:
 
 
 def idxd_dmesg_lines(boot: CliBoot) -> list[str]:
-    return [line.split("] ", 1)[-1] for line in results(boot)["dmesg.idxd"].splitlines()]
+    """The driver's own messages in the guest's kernel log (``idxd 0000:...: ...``)."""
+    lines = [line.split("] ", 1)[-1] for line in boot.dmesg_file.read_text().splitlines()]
+    return [line for line in lines if line.startswith("idxd ")]
 
 
 def test_guest_lists_the_dsa_function_and_idxd_probes(configurable: CliBoot) -> None:
@@ -92,13 +106,16 @@ def test_accel_config_configures_and_enables(configurable: CliBoot) -> None:
     assert results(configurable)["dma.channels"].split() == ["dma0chan0"]
 
 
-def test_disable_and_enable_again(configurable: CliBoot) -> None:
+def test_disable_and_enable_again(configurable: CliBoot, request: pytest.FixtureRequest) -> None:
+    expect_bug(request, configurable.release, configurable.dmesg_file, EVL_FREE_NULL_DEREF)
     assert_checks_pass(configurable, "save_config", "disable", "reenable")
     assert results(configurable)["states.disabled"] == "disabled disabled"
     assert results(configurable)["states.reenabled"] == "enabled enabled"
 
 
-def test_device_survives_unbind_and_rebind(configurable: CliBoot) -> None:
+def test_device_survives_unbind_and_rebind(configurable: CliBoot,
+                                           request: pytest.FixtureRequest) -> None:
+    expect_bug(request, configurable.release, configurable.dmesg_file, EVL_FREE_NULL_DEREF)
     assert_checks_pass(configurable, "unbind", "dsa0_gone", "rebind", "enable_after_rebind")
     assert results(configurable)["states.after_rebind"] == "enabled enabled"
     probes = [line for line in idxd_dmesg_lines(configurable) if "(v100)" in line]

@@ -98,6 +98,26 @@ async def test_background_process_left_by_script_does_not_hold_the_boot(
     assert run.lines == ["left a sleeper behind"]
 
 
+async def test_a_process_in_another_session_holding_the_output_does_not_hold_the_boot(
+    boot_guest: BootGuest,
+) -> None:
+    # Like a task stuck in the kernel, it survives the end of the script's session.
+    run = await boot_guest("setsid sleep 100000 &\necho escaped\nexit 3", name="escaped",
+                           timeout=120)
+    assert run.exit_status == 3
+    assert run.lines == ["escaped"]
+
+
+async def test_a_script_stuck_past_its_timeout_is_ended_and_reports(boot_guest: BootGuest
+                                                                    ) -> None:
+    run = await boot_guest("echo before\nsleep 100000\necho after", name="stuck", timeout=120,
+                           script_timeout=5)
+    assert run.exit_status == 137
+    assert run.lines == ["before", "vdsa: the script ran past vdsa.script_timeout=5 s; ended it"]
+    assert "Show Blocked State" in run.dmesg
+    assert run.powered_off
+
+
 def qemu_processes_mentioning(text: str) -> list[int]:
     found = []
     for proc in Path("/proc").iterdir():
@@ -114,7 +134,7 @@ def qemu_processes_mentioning(text: str) -> list[int]:
 
 async def test_guest_that_never_reports_times_out(boot_guest: BootGuest, tmp_path: Path) -> None:
     with pytest.raises(GuestBootTimeout, match="did not finish within 20 s"):
-        await boot_guest("sleep 100000", name="hang", timeout=20)
+        await boot_guest("sleep 100000", name="hang", timeout=20, script_timeout=3600)
     assert qemu_processes_mentioning(str(tmp_path / "hang")) == []
 
 

@@ -5,7 +5,7 @@ MOVDIR64B could interleave with the other's, and the server dropped the torn des
 without the fix in qemu-configs/patches/ loses some in every boot (measured: 10 of 10).  Every
 descriptor must complete.
 
-One boot through `vdsa boot --serve`, shared by the tests."""
+One boot per case of the matrix through `vdsa boot --serve`, shared by the tests."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import re
 
 import pytest
 
-from tests.conftest import CliBoot, portal_config, run_cli
+from tests.conftest import RELEASE_PORTALS, CliBoot, portal_config, release_portal_id, run_cli
 from tests.test_boot_device import SCRIPTS, results
 from tests.test_boot_dmatest import KERNEL_TROUBLE, dmesg_lines
-from vdsa_server.device.config import PortalMode
 
 pytestmark = pytest.mark.boot
 
@@ -25,14 +24,15 @@ ITERATIONS = 1000
 THREADS = 2
 
 
-@pytest.fixture(scope="module", params=list(PortalMode), ids=lambda mode: mode.value)
+@pytest.fixture(scope="module", params=RELEASE_PORTALS, ids=release_portal_id)
 def race(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> CliBoot:
-    """One boot per portal mode: with mapped portals the two vCPUs' MOVDIR64Bs meet in the
-    slot handshake instead of in the engine's reassembly."""
-    log_dir = tmp_path_factory.mktemp(f"portal-race-{request.param.value}")
-    return run_cli("boot", "--serve", *portal_config(request.param, log_dir),
+    """One boot per release and portal mode: with mapped portals the two vCPUs' MOVDIR64Bs
+    meet in the slot handshake instead of in the engine's reassembly."""
+    release, mode = request.param
+    log_dir = tmp_path_factory.mktemp(f"portal-race-{release}-{mode.value}")
+    return run_cli("boot", "--serve", *portal_config(mode, log_dir),
                    "--script", str(SCRIPTS / "portal-race.sh"),
-                   "--file", str(SCRIPTS / "dmatest.sh"), log_dir=log_dir)
+                   "--file", str(SCRIPTS / "dmatest.sh"), log_dir=log_dir, release=release)
 
 
 def figures(boot: CliBoot) -> dict[str, str]:

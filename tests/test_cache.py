@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,19 @@ def test_tree_digest_sees_content_and_names(tmp_path: Path) -> None:
     assert changed != before
     renamed = one.rename(tmp_path / "b.patch")
     assert tree_digest([renamed]) != changed
+
+
+def test_a_killed_builders_scratch_is_removed_by_the_next_build(tmp_path: Path) -> None:
+    a = artifact("thing", {"v": "1"}, root=tmp_path)
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = tmp_path / f".{a.name}-{a.key}.{done.stdout.strip()}.partial"
+    alive = tmp_path / f".{a.name}-{a.key}.1.partial"  # init's: never removed
+    other = tmp_path / f".other-{a.key}.{done.stdout.strip()}.partial"
+    for scratch in (dead, alive, other):
+        (scratch / "half").mkdir(parents=True)
+    with a.building() as scratch:
+        (scratch / "out").write_text("done")
+    assert not dead.exists()
+    assert alive.exists()
+    assert other.exists()

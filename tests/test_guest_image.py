@@ -15,16 +15,15 @@ import pytest
 import trio
 
 from vdsa_server.builds import guest_image
+from vdsa_server.builds.debian_root import RELEASES, DebianRoot, build_root
 from vdsa_server.builds.guest_image import (
     GUEST_FILES,
     GUEST_PROGRAMS,
     NATIVE_GUEST,
     GuestImageMissing,
-    KernelPackage,
     build_guest,
     find_guest,
     guest_artifact,
-    guest_inputs,
     guest_program_argv,
     script_archive,
 )
@@ -112,66 +111,68 @@ def test_result_reports_an_unwritable_console(tmp_path: Path) -> None:
     assert b"cannot write" in done.stderr
 
 
-class FakeHost:
-    """Stands in for apt and dpkg and points the builder at copies of its sources."""
+class FakeRoot:
+    """Stands in for a release's root and points the builder at copies of its sources."""
 
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.guest_files = tmp_path / "guest_files"
         self.native = tmp_path / "native"
         shutil.copytree(GUEST_FILES, self.guest_files)
         shutil.copytree(NATIVE_GUEST, self.native)
-        self.kernel = KernelPackage("linux-image-6.1.0-56-amd64", "6.1.192-2")
-        self.versions = {
-            "busybox-static": "1:1.35.0-4",
-            "accel-config": "3.5.3-1",
-            "libaccel-config1": "3.5.3-1",
-            "linux-source-6.1": "6.1.192-2",
-        }
+        self.kernel_version = "6.12.117+deb13-amd64"
+        self.package_version = "6.12.117-1"
+        self.versions = {"busybox-static": "1:1.37.0-6", "kmod": "34.2-2",
+                         "accel-config": "4.1.8-1", "libaccel-config1": "4.1.8-1",
+                         "compiler": "x86_64-linux-gnu-gcc-14 (Debian 14.2.0-19) 14.2.0"}
         monkeypatch.setattr(guest_image, "GUEST_FILES", self.guest_files)
         monkeypatch.setattr(guest_image, "NATIVE_GUEST", self.native)
-        monkeypatch.setattr(guest_image, "resolve_kernel", lambda: self.kernel)
-        monkeypatch.setattr(guest_image, "installed_version", lambda p: self.versions[p])
+        monkeypatch.setattr(guest_image, "find_root", self.root)
+        monkeypatch.setenv("VDSA_CACHE", str(tmp_path / "cache"))
+
+    def root(self, release: str) -> DebianRoot:
+        return DebianRoot(release=release, path=Path("/nonexistent"),
+                          kernel_version=self.kernel_version,
+                          kernel_package_version=self.package_version,
+                          versions=dict(self.versions))
 
 
 def test_cache_key_follows_every_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    host = FakeHost(tmp_path, monkeypatch)
-    keys = [guest_artifact().key]
+    root = FakeRoot(tmp_path, monkeypatch)
+    keys = [guest_artifact("trixie").key]
 
     def assert_new_key() -> None:
-        key = guest_artifact().key
+        key = guest_artifact("trixie").key
         assert key not in keys
         keys.append(key)
 
-    assert guest_artifact().key == keys[0]
-    host.kernel = KernelPackage("linux-image-6.1.0-57-amd64", "6.1.192-2")
+    assert guest_artifact("trixie").key == keys[0]
+    assert guest_artifact("sid").key not in keys
+    root.kernel_version = "6.12.118+deb13-amd64"
     assert_new_key()
-    host.kernel = KernelPackage("linux-image-6.1.0-57-amd64", "6.1.193-1")
+    root.package_version = "6.12.118-1"
     assert_new_key()
-    for package in list(host.versions):
-        host.versions[package] += "+b1"
+    for package in list(root.versions):
+        root.versions[package] += "+b1"
         assert_new_key()
-    with (host.guest_files / "init").open("a") as f:
+    monkeypatch.setenv("VDSA_DEBIAN_MIRROR", "http://mirror.example/debian")
+    assert_new_key()
+    with (root.guest_files / "init").open("a") as f:
         f.write("# changed\n")
     assert_new_key()
     for source in (*GUEST_PROGRAMS.values(), "guest_program.h"):
-        (host.native / source).write_text("/* changed */\n")
+        (root.native / source).write_text("/* changed */\n")
         assert_new_key()
     monkeypatch.setattr(guest_image, "FORMAT_VERSION", "test")
     assert_new_key()
 
 
-def test_inputs_on_this_host() -> None:
-    inputs = guest_inputs()
-    assert re.fullmatch(r"linux-image-6\.1\.\d+-\d+-amd64", inputs["kernel_package"])
-    assert all(inputs.values())
-    for key in ("busybox-static", "accel-config", "guest_files", "native_guest", "format"):
-        assert key in inputs
-
-
 def test_find_guest_without_an_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VDSA_CACHE", str(tmp_path))
-    with pytest.raises(GuestImageMissing, match="vdsa build guest"):
-        find_guest()
+    with pytest.raises(GuestImageMissing, match="vdsa build guest --kernel trixie"):
+        find_guest("trixie")
+    with pytest.raises(GuestImageMissing, match="unknown Debian release 'jessie'"):
+        find_guest("jessie")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_script_archive(tmp_path: Path) -> None:
@@ -273,14 +274,13 @@ def test_portal_race_needs_a_dsa_function(portal_race: Path) -> None:
     assert done.stderr == f"portal-race: no 8086:0b25 function in {devices}\n"
 
 
-def test_built_image_contents(tmp_path: Path) -> None:
-    try:
-        image = find_guest()
-    except GuestImageMissing:
-        image = trio.run(build_guest)
+@pytest.mark.parametrize("release", RELEASES)
+def test_built_image_contents(tmp_path: Path, release: str) -> None:
+    image = trio.run(build_guest, release)
+    root = trio.run(build_root, release)
     kver = image.kernel_version
-    assert re.fullmatch(r"6\.1\.\d+-\d+-amd64", kver)
-    assert image.kernel.stat().st_size > 1_000_000
+    assert (image.release, kver, image.dmatest) == (release, root.kernel_version, True)
+    assert image.kernel.read_bytes() == root.kernel.read_bytes()
     blob = image.initramfs.read_bytes()
     # The launcher appends an uncompressed archive: it must start 4-byte aligned.
     assert len(blob) % 4 == 0
@@ -290,7 +290,9 @@ def test_built_image_contents(tmp_path: Path) -> None:
     assert inflater.unused_data.strip(b"\0") == b""
 
     names = set(cpio_members(archive))
-    ldd = subprocess.run(["ldd", "/usr/bin/accel-config"], capture_output=True, text=True)
+    # The release's own accel-config and libraries, as its loader resolves them.
+    ldd = subprocess.run(["chroot", root.path, "ldd", "/usr/bin/accel-config"],
+                         capture_output=True, text=True, check=True)
     libraries = re.findall(r"(/\S+) \(0x", ldd.stdout)
     assert len(libraries) >= 3
     modules = f"lib/modules/{kver}"
@@ -305,11 +307,21 @@ def test_built_image_contents(tmp_path: Path) -> None:
         *(lib.lstrip("/") for lib in libraries),
     }  # fmt: skip
     assert expected <= names, sorted(expected - names)
+    assert not [n for n in names if n.endswith((".ko.xz", ".ko.zst", ".ko.gz"))]
 
     cpio_extract(archive, tmp_path / "root")
-    root = tmp_path / "root"
-    dep = (root / modules / "modules.dep").read_text()
+    tree = tmp_path / "root"
+    assert (tree / "bin" / "busybox").read_bytes() == root.inside("/bin/busybox").read_bytes()
+    assert (tree / "usr/bin/accel-config").read_bytes() == root.inside(
+        "/usr/bin/accel-config").read_bytes()
+    dep = (tree / modules / "modules.dep").read_text()
     assert "kernel/drivers/dma/idxd/idxd.ko: kernel/drivers/dma/idxd/idxd_bus.ko" in dep
     assert "extra/dmatest.ko:" in dep
-    assert (root / "init").read_bytes() == (GUEST_FILES / "init").read_bytes()
-    assert (root / "tmp").stat().st_mode & 0o7777 == 0o1777
+    for module in ("kernel/drivers/dma/idxd/idxd.ko", "extra/dmatest.ko"):
+        vermagic = subprocess.run(["modinfo", "-F", "vermagic", tree / modules / module],
+                                  capture_output=True, text=True, check=True).stdout
+        assert vermagic.split()[0] == kver
+    assert (tree / "init").read_bytes() == (GUEST_FILES / "init").read_bytes()
+    assert (tree / "tmp").stat().st_mode & 0o7777 == 0o1777
+    # The build leaves no scratch space in the root.
+    assert not list((root.path / "tmp").glob("vdsa-image.*"))

@@ -143,3 +143,22 @@ def test_a_viommu_comes_before_the_device_with_caching_mode(iommu: launcher.Iomm
     assert "intel_iommu=on" in cmdline
     assert "iommu=nopt" in cmdline
     assert ("sm_on" in cmdline) == (iommu is launcher.Iommu.SCALABLE)
+
+
+@pytest.mark.parametrize(("timeout", "script_timeout", "expected"), [
+    (600.0, None, 540), (600.0, 42.5, 42), (20.0, None, 15), (120.0, 300.0, 300)])
+def test_the_script_timeout_reaches_the_guest_init(timeout: float, script_timeout: float | None,
+                                                   expected: int) -> None:
+    spec = BootSpec(script=b"true", timeout=timeout, script_timeout=script_timeout)
+    assert spec.script_seconds == expected
+
+
+def test_kernel_args_follow_the_vdsa_options() -> None:
+    guest = GuestImage(kernel=Path("vmlinuz"), initramfs=Path("initrd"), kernel_version="6.1")
+    argv = launcher.qemu_argv(Path("qemu"), launcher.load_profiles()["tcg"], "max", guest,
+                              Path("initrd"), (), None, launcher.Iommu.LEGACY,
+                              ["slub_debug=FZPU", "vdsa.script_timeout=9"])
+    cmdline = argv[argv.index("-append") + 1].split()
+    assert cmdline[:3] == launcher.KERNEL_CMDLINE.split()
+    assert cmdline[-2:] == ["slub_debug=FZPU", "vdsa.script_timeout=9"]
+    assert cmdline.index("intel_iommu=on") < cmdline.index("slub_debug=FZPU")

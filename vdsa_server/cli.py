@@ -9,17 +9,21 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from vdsa_server import log as vdsa_log
+from vdsa_server.builds.debian_root import RELEASES
+from vdsa_server.builds.guest_image import DEFAULT_RELEASE
 from vdsa_server.builds.steps import BuildError
 from vdsa_server.launch import console
 from vdsa_server.log import get_logger
 
 if TYPE_CHECKING:
+    from vdsa_server.builds.guest_image import GuestImage
     from vdsa_server.device.config import DeviceConfig
     from vdsa_server.launch.launcher import GuestRun
     from vdsa_server.server import VdsaServer
@@ -69,6 +73,32 @@ def _group(text: str) -> int:
         raise argparse.ArgumentTypeError(f"no group {text!r}") from None
 
 
+def _add_kernel(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernel", metavar="RELEASE", choices=RELEASES,
+                        default=DEFAULT_RELEASE,
+                        help="the guest of this Debian release, with its stock kernel "
+                        f"({', '.join(RELEASES)}; default {DEFAULT_RELEASE})")
+
+
+def _guest(args: argparse.Namespace) -> GuestImage:
+    """The image a boot uses: the user's kernel, or the release's."""
+    from vdsa_server.builds.guest_image import find_guest
+
+    image: Path | None = getattr(args, "kernel_image", None)
+    modules: Path | None = getattr(args, "modules", None)
+    if image is None:
+        if modules is not None:
+            raise BuildError("--modules needs --kernel-image, the kernel they belong to")
+        return find_guest(args.kernel)
+    from vdsa_server.builds.user_kernel import build_user_guest
+
+    guest = trio.run(build_user_guest, image, modules)
+    if not guest.dmatest:
+        print(f"vdsa: kernel {guest.kernel_version} has no dmatest module (CONFIG_DMATEST): "
+              "dmatest is absent from this guest", file=sys.stderr)
+    return guest
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdsa", description=__doc__)
     _add_logging(parser)
@@ -80,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                        nargs="?",
                        default="all")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument("--kernel", metavar="RELEASE", choices=(*RELEASES, "all"), default="all",
+                       help="the guest of this Debian release only (default: all of "
+                       f"{', '.join(RELEASES)})")
 
     boot = sub.add_parser("boot", help="boot the guest, run a script in it, print its results")
     boot.add_argument("--script", type=Path, required=True, help="shell script run in the guest")
@@ -101,7 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="QEMU binary to use (default: $VDSA_QEMU, else vdsa's own build)")
     boot.add_argument("--firmware-dir", type=Path, action="append",
                       help="QEMU firmware directory (repeatable; default: Debian's)")
+    _add_kernel(boot)
+    boot.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
+                      help="add ARG to the guest kernel's command line (repeatable)")
+    boot.add_argument("--kernel-image", type=Path, metavar="BZIMAGE",
+                      help="boot this kernel instead of a release's (the user's own build)")
+    boot.add_argument("--modules", type=Path, metavar="DIR",
+                      help="with --kernel-image: its modules, as `make modules_install "
+                      "INSTALL_MOD_PATH=DIR` left them")
     boot.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole boot")
+    boot.add_argument("--script-timeout", type=_positive, metavar="SECONDS",
+                      help="seconds the guest lets the script run before it ends it and "
+                      "reports (default: the boot's timeout less a minute)")
     boot.add_argument("--log-dir", type=Path, help="where console.log and dmesg.txt go")
     boot.add_argument("--json", action="store_true", help="print one JSON summary at the end")
 
@@ -135,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also boot a guest: dmatest (no verify) on the idxd channel next to "
                        "the guest's CPU memcpy")
     bench.add_argument("--log-dir", type=Path, help="where the server's and the guest's logs go")
+    _add_kernel(bench)
 
     fuzz = sub.add_parser("fuzz", help="fuzz `vdsa serve` (sanitized engine and libvfio-user) "
                           "with a hostile vfio-user client for a while; exit 1 on any failure")
@@ -149,15 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "checks the platform, configures the DSA with the stock driver and "
                           "runs dmatest on it")
     demo.add_argument("--config", type=Path, help="device configuration (TOML)")
+    _add_kernel(demo)
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole boot")
     demo.add_argument("--log-dir", type=Path, help="where the logs and the socket go")
     demo.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     return parser
 
 
-async def _build(what: str, force: bool) -> None:
+async def _build(what: str, force: bool, kernel: str) -> None:
     from vdsa_server.builds.engine_build import build_engine
-    from vdsa_server.builds.guest_image import build_guest
+    from vdsa_server.builds.guest_image import build_guests
     from vdsa_server.builds.libvfio_user_build import build_libvfio_user
     from vdsa_server.builds.qemu_build import build_qemu
 
@@ -168,13 +214,14 @@ async def _build(what: str, force: bool) -> None:
     if what in ("all", "qemu"):
         await build_qemu(force=force)
     if what in ("all", "guest"):
-        await build_guest(force=force)
+        await build_guests(RELEASES if kernel == "all" else (kernel,), force=force)
 
 
 def _print_run(run: GuestRun, as_json: bool) -> None:
     if as_json:
         print(json.dumps({
             "exit_status": run.exit_status, "kernel": run.kernel, "lines": run.lines,
+            "powered_off": run.powered_off,
             "results": run.results, "seconds": run.seconds, "console_log": str(run.console_log),
             "qemu_version": run.qemu.version, "cpu": run.qemu.cpu_model,
         }, indent=2))
@@ -183,6 +230,9 @@ def _print_run(run: GuestRun, as_json: bool) -> None:
         print(f"{name}: {value}")
     print(f"guest script exited with status {run.exit_status} after {run.seconds} s "
           f"(console log: {run.console_log})", file=sys.stderr)
+    if not run.powered_off:
+        print("the guest hung powering off after its script ended; QEMU was stopped",
+              file=sys.stderr)
 
 
 def _streamer(as_json: bool) -> Callable[[console.Event], None]:
@@ -265,7 +315,8 @@ def _boot(args: argparse.Namespace) -> int:
         script=args.script.read_bytes(), files=files, socket=socket, profile=args.profile,
         cpu=args.cpu, qemu=args.qemu, firmware_dirs=args.firmware_dir or DEFAULT_FIRMWARE_DIRS,
         timeout=args.timeout, log_dir=log_dir,
-        iommu=Iommu(args.iommu) if args.iommu else None,
+        iommu=Iommu(args.iommu) if args.iommu else None, guest=_guest(args),
+        kernel_args=args.kernel_arg, script_timeout=args.script_timeout,
     )
     if args.serve:
         run = trio.run(boot_with_server, spec, _device_config(args.config), _streamer(args.json))
@@ -286,7 +337,8 @@ def _demo(args: argparse.Namespace) -> int:
     files = {name: (scripts / name).read_bytes()
              for name in ("platform-check.sh", "dsa-configure.sh", "dmatest.sh")}
     spec = BootSpec(script=(scripts / "demo.sh").read_bytes(), files=files,
-                    socket=log_dir / "vdsa.sock", log_dir=log_dir, timeout=args.timeout)
+                    socket=log_dir / "vdsa.sock", log_dir=log_dir, timeout=args.timeout,
+                    guest=_guest(args))
     run = trio.run(boot_with_server, spec, _device_config(args.config), _streamer(args.json))
     _print_run(run, args.json)
     states = run.results.get("states.enabled", "missing")
@@ -314,7 +366,7 @@ def _bench(args: argparse.Namespace) -> int:
                       "libvfio-user": str(libvfio_user_artifact().path)}
     measurements = trio.run(run_harness, log_dir, BenchPlan(args.seconds))
     if args.guest:
-        guest = trio.run(run_guest_bench, log_dir / "guest")
+        guest = trio.run(partial(run_guest_bench, log_dir / "guest", guest=_guest(args)))
         measurements += guest.measurements
         extra_versions |= {"qemu": guest.run.qemu.version,
                            "guest_kernel": guest.run.kernel or "unknown"}
@@ -351,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ConfigError, LibraryError, OSError, BenchError, GuestBenchError)
     try:
         if args.command == "build":
-            trio.run(_build, args.what, args.force)
+            trio.run(_build, args.what, args.force, args.kernel)
             return 0
         if args.command == "demo":
             return _demo(args)

@@ -47,6 +47,8 @@ disable_dsa0() {  # disable wq0.0 and dsa0, whichever is enabled
     if [ "$(cat "$DSA/state")" = enabled ]; then accel-config disable-device dsa0; fi
 }
 config_wq() {  # config_wq [OPTION...]: wq0.0 as a dedicated kernel WQ in group 0
+    # Since 6.7 a kernel WQ must name its driver; 6.1 has no driver_name.
+    if [ -e "$WQ/driver_name" ]; then set -- --driver-name=dmaengine "$@"; fi
     accel-config config-wq dsa0/wq0.0 --group-id=0 --mode=dedicated --type=kernel \
         --name=vdsa-dmatest --priority=10 "$@"
 }

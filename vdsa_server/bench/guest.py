@@ -16,6 +16,7 @@ from pathlib import Path
 import trio
 
 from vdsa_server.bench.results import Measurement
+from vdsa_server.builds.guest_image import GuestImage
 from vdsa_server.device.config import DeviceConfig
 from vdsa_server.launch import console
 from vdsa_server.launch.launcher import BootSpec, GuestRun, boot_with_server
@@ -75,12 +76,14 @@ class GuestBenchPlan:
 async def run_guest_bench(
     log_dir: Path, plan: GuestBenchPlan | None = None, *, config: DeviceConfig | None = None,
     boot_timeout: float = BOOT_TIMEOUT, on_event: Callable[[console.Event], None] | None = None,
+    guest: GuestImage | None = None,
 ) -> GuestBench:
     """Boot the guest with vdsa's own server (``config``, default the default device) and run
     ``plan`` (default :class:`GuestBenchPlan`'s): dmatest's unverified copies on the idxd channel,
     then the CPU's memcpys.  The boot's logs (console.log, dmesg.txt, qemu-argv.json) and the
     server's socket go to ``log_dir``; ``on_event`` sees the console's events as they come;
-    the boot may take ``boot_timeout`` seconds.  ``log_dir`` is created if needed.
+    the boot may take ``boot_timeout`` seconds; ``guest`` is the image booted (default: the
+    default release's).  ``log_dir`` is created if needed.
 
     Raises GuestBenchError if the guest script fails, dmatest reports failures or a figure is
     missing, and what :func:`~vdsa_server.launch.launcher.boot` raises if the boot does.
@@ -90,7 +93,7 @@ async def run_guest_bench(
     await trio.Path(log_dir).mkdir(parents=True, exist_ok=True)
     files = {name: (SCRIPTS / name).read_bytes() for name in ("bench.sh", "dmatest.sh")}
     spec = BootSpec(script=plan.script, files=files, socket=log_dir / "vdsa.sock",
-                    log_dir=log_dir, timeout=boot_timeout)
+                    log_dir=log_dir, timeout=boot_timeout, guest=guest)
     log.info("bench.guest.start", threads=plan.threads, iterations=plan.iterations,
              size=plan.size, copies=plan.copies, log_dir=str(log_dir))
     run = await boot_with_server(spec, config or DeviceConfig(), on_event)

@@ -64,6 +64,14 @@ class Artifact:
     def is_complete(self) -> bool:
         return (self.path / MANIFEST).is_file()
 
+    def _remove_abandoned(self) -> None:
+        """Scratch directories of this artifact whose builder was killed (a SIGKILL skips
+        the cleanup below)."""
+        for scratch in self.root.glob(f".{self.name}-{self.key}.*.partial"):
+            pid = scratch.name.removesuffix(".partial").rsplit(".", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(scratch, ignore_errors=True)
+
     @contextmanager
     def building(self) -> Iterator[Path]:
         """Yield a scratch directory; on success it becomes ``self.path``."""
@@ -71,6 +79,7 @@ class Artifact:
         # One scratch directory per process: concurrent builds of one artifact must not
         # share (and delete) each other's half-built files.
         scratch = self.root / f".{self.name}-{self.key}.{os.getpid()}.partial"
+        self._remove_abandoned()
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()
         try:
@@ -87,6 +96,16 @@ class Artifact:
                 # Another process finished the same artifact meanwhile; keep its copy.
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def artifact(name: str, inputs: Mapping[str, str], root: Path | None = None) -> Artifact:

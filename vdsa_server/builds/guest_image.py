@@ -1,12 +1,13 @@
-"""The guest image: Debian bookworm's stock kernel and a busybox initramfs
-whose /init runs a script handed in from the host and reports on the serial
-console, then powers off.
+"""The guest image: a Debian release's stock kernel (or the user's own) and a
+busybox initramfs whose /init runs a script handed in from the host and
+reports on the serial console, then powers off.
 
-Built once per machine into the cache (``vdsa build guest``). The initramfs
-holds busybox, accel-config with its libraries, the idxd modules and their
-dependencies, an out-of-tree dmatest.ko (Debian's kernel lacks it), the
-static programs of ``native/guest/`` (``movdir64b-test``, ``memcpy-bench``,
-``portal-race``)
+Built once per release into the cache (``vdsa build guest --kernel R``) from
+that release's root (``debian_root``): its kernel, the idxd modules and their
+dependencies (decompressed, as busybox's modprobe loads plain ``.ko`` files),
+the root's ``dmatest.ko``, its busybox and accel-config with its libraries,
+and modules.dep made by its own depmod. Added to those: the static programs
+of ``native/guest/`` (``movdir64b-test``, ``memcpy-bench``, ``portal-race``)
 and the two scripts of ``guest_files/``.
 
 The console contract of ``guest_files/init``: every machine-readable line is
@@ -22,13 +23,16 @@ unpacks both into the same root.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import lzma
 import os
 import re
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,21 +41,27 @@ import trio
 
 from vdsa_server.builds.cache import Artifact, artifact, tree_digest
 from vdsa_server.builds.cpio import CpioWriter, normalize, pad4
+from vdsa_server.builds.debian_root import (
+    RELEASES,
+    DebianRoot,
+    DebianRootMissing,
+    build_root,
+    check_release,
+    find_root,
+    root_artifact,
+)
 from vdsa_server.builds.steps import BuildError, run_step
 from vdsa_server.log import get_logger
 
 log = get_logger()
 
 # Bump when the image layout or the build changes in a way the other inputs miss.
-FORMAT_VERSION = "1"
-# dmatest.c comes from linux-source-<series>, so the kernel must be of that series.
-KERNEL_SERIES = "6.1"
-KERNEL_META_PACKAGE = "linux-image-amd64"
+FORMAT_VERSION = "2"
+# The release a boot uses unless told: the newest whose stock driver passes the
+# whole boot matrix (README, "Guest kernels").
+DEFAULT_RELEASE = "sid"
 WANTED_MODULES = ("idxd", "idxd_bus")
-# Host binaries copied into the image; their versions are part of the cache key.
-VERSIONED_PACKAGES = ("busybox-static", "accel-config", "libaccel-config1")
-BUSYBOX = Path("/bin/busybox")
-ACCEL_CONFIG = Path("/usr/bin/accel-config")
+ACCEL_CONFIG = "/usr/bin/accel-config"
 # The image's /usr/bin programs built from native/guest/, with their sources.
 GUEST_PROGRAMS = {
     "movdir64b-test": "movdir64b_test.c",
@@ -66,6 +76,8 @@ NATIVE_GUEST = PACKAGE_DIR.parents[1] / "native" / "guest"
 KERNEL_FILE = "vmlinuz"
 INITRAMFS_FILE = "initramfs.cpio.gz"
 INFO_FILE = "guest.json"
+# The files of a modules tree that depmod reads besides the modules.
+MODULES_METADATA = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,8 @@ class GuestImage:
     kernel: Path
     initramfs: Path
     kernel_version: str
+    release: str | None = None  # the Debian release; None for the user's own kernel
+    dmatest: bool = True  # whether the image has dmatest.ko
 
 
 class GuestImageMissing(RuntimeError):
@@ -80,33 +94,16 @@ class GuestImageMissing(RuntimeError):
 
 
 @dataclass(frozen=True)
-class KernelPackage:
-    name: str  # linux-image-6.1.0-NN-amd64
-    version: str  # the Debian package version, e.g. 6.1.192-2
+class KernelFiles:
+    """A kernel to put in an image."""
 
-    @property
-    def kernel_version(self) -> str:
-        return self.name.removeprefix("linux-image-")
-
-
-def _query(argv: Sequence[str]) -> str:
-    """Stdout of a quick read-only command (synchronous: the cache key is
-    computed outside trio too)."""
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "LC_ALL": "C"},
-        )
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", None) or exc
-        raise BuildError(f"{' '.join(argv)} failed: {detail}") from exc
-    return done.stdout
+    image: Path  # the bzImage
+    version: str  # its release string, the name of its modules directory
+    modules: Path | None  # its lib/modules/<version>, None when everything is built in
+    dmatest: Path | None  # a dmatest.ko for it, None when it has none
 
 
-async def _capture(argv: Sequence[str | Path]) -> str:
+async def capture(argv: Sequence[str | Path]) -> str:
     """Stdout of a quick read-only command run during the build."""
     args = [str(a) for a in argv]
     done = await trio.run_process(
@@ -121,71 +118,62 @@ async def _capture(argv: Sequence[str | Path]) -> str:
     return done.stdout.decode()
 
 
-def resolve_kernel() -> KernelPackage:
-    """The kernel package that ``linux-image-amd64`` currently points to.
-
-    The meta package's candidate pins the exact version of the kernel package
-    it depends on, so one (slow, ~0.7 s) apt-cache call gives both.
-    """
-    shown = _query(["apt-cache", "show", "--no-all-versions", KERNEL_META_PACKAGE])
-    series = re.escape(KERNEL_SERIES)
-    pattern = rf"^Depends:.*\b(linux-image-{series}\.\d+-\d+-amd64) \(= ([^)\s]+)\)"
-    match = re.search(pattern, shown, re.MULTILINE)
-    if match is None:
-        raise BuildError(
-            f"{KERNEL_META_PACKAGE} does not depend on a {KERNEL_SERIES} kernel package:\n{shown}"
-        )
-    return KernelPackage(match[1], match[2])
-
-
-def installed_version(package: str) -> str:
-    return _query(["dpkg-query", "-W", "-f", "${Version}", package]).strip()
-
-
 def _files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise BuildError(f"missing source directory {directory}")
     return [p for p in directory.iterdir() if p.is_file()]
 
 
-def guest_inputs() -> dict[str, str]:
-    kernel = resolve_kernel()
-    inputs = {
-        "format": FORMAT_VERSION,
-        "kernel_package": kernel.name,
-        "kernel_package_version": kernel.version,
+def source_inputs() -> dict[str, str]:
+    """The project's own files that go into every image."""
+    return {
         "guest_files": tree_digest(_files(GUEST_FILES)),
         "native_guest": tree_digest(_files(NATIVE_GUEST)),
     }
-    for package in (*VERSIONED_PACKAGES, f"linux-source-{KERNEL_SERIES}"):
-        inputs[package] = installed_version(package)
-    return inputs
 
 
-def guest_artifact() -> Artifact:
-    return artifact("guest", guest_inputs())
+def guest_inputs(release: str) -> dict[str, str]:
+    root = find_root(release)
+    return {
+        "format": FORMAT_VERSION,
+        "release": release,
+        "root": root_artifact(release).key,
+        "kernel_version": root.kernel_version,
+        "kernel_package_version": root.kernel_package_version,
+        **root.versions,
+        **source_inputs(),
+    }
 
 
-def _load(path: Path) -> GuestImage:
+def guest_artifact(release: str) -> Artifact:
+    return artifact(f"guest-{release}", guest_inputs(release))
+
+
+def load_image(path: Path) -> GuestImage:
     info = json.loads((path / INFO_FILE).read_text())
+    release = info.get("release")
     return GuestImage(
         kernel=path / KERNEL_FILE,
         initramfs=path / INITRAMFS_FILE,
         kernel_version=str(info["kernel_version"]),
+        release=None if release is None else str(release),
+        dmatest=bool(info["dmatest"]),
     )
 
 
-def find_guest() -> GuestImage:
+def find_guest(release: str = DEFAULT_RELEASE) -> GuestImage:
     try:
-        art = guest_artifact()
-    except BuildError as exc:
+        check_release(release)
+        art = guest_artifact(release)
+    except (BuildError, DebianRootMissing) as exc:
         raise GuestImageMissing(
-            f"cannot determine the guest image's inputs ({exc}); "
-            "run .ci/setup, then `vdsa build guest`"
+            f"no {release} guest image ({exc}); run .ci/setup, or "
+            f"`vdsa build guest --kernel {release}`"
         ) from exc
     if not art.is_complete():
-        raise GuestImageMissing(f"no guest image at {art.path}; run `vdsa build guest`")
-    return _load(art.path)
+        raise GuestImageMissing(
+            f"no {release} guest image at {art.path}; run `vdsa build guest --kernel {release}`")
+    return load_image(art.path)
 
 
 def script_archive(script: bytes, files: Mapping[str, bytes] | None = None) -> bytes:
@@ -215,29 +203,26 @@ def script_archive(script: bytes, files: Mapping[str, bytes] | None = None) -> b
 
 @dataclass(frozen=True)
 class _Build:
-    kernel: KernelPackage
-    work: Path  # scratch space, removed after a successful build
+    kernel: KernelFiles
+    userland: DebianRoot
+    work: Path  # scratch space inside the userland root, so that its tools can reach it
     logs: Path  # outside the artifact, so they survive a failed build
-    downloads: Path
 
     @property
-    def root(self) -> Path:
+    def tree(self) -> Path:
         """The initramfs tree."""
-        return self.work / "root"
-
-    @property
-    def extracted(self) -> Path:
-        return self.work / "kernel"
+        return self.work / "tree"
 
     @property
     def modules(self) -> Path:
-        return self.root / "lib" / "modules" / self.kernel.kernel_version
+        return self.tree / "lib" / "modules" / self.kernel.version
 
-    def log_file(self, step: str) -> Path:
-        return self.logs / f"{step}.log"
+    def in_root(self, path: Path) -> str:
+        """``path`` (under the userland root) as a command run in that root names it."""
+        return "/" + str(path.relative_to(self.userland.path))
 
-    async def step(self, name: str, argv: Sequence[str | Path], cwd: Path | None = None) -> None:
-        await run_step(f"guest-{name}", argv, log_file=self.log_file(name), cwd=cwd)
+    async def step(self, name: str, argv: Sequence[str | Path]) -> None:
+        await run_step(f"guest-{name}", argv, log_file=self.logs / f"{name}.log")
 
 
 def _install(source: Path, dest: Path, mode: int) -> None:
@@ -246,38 +231,41 @@ def _install(source: Path, dest: Path, mode: int) -> None:
     dest.chmod(mode)
 
 
-async def _fetch_kernel(b: _Build) -> None:
-    kernel = b.kernel
-    b.downloads.mkdir(parents=True, exist_ok=True)
-    deb = b.downloads / f"{kernel.name}_{kernel.version.replace(':', '%3a')}_amd64.deb"
-    if not deb.is_file():
-        # The sandbox user _apt cannot write into root's cache directory.
-        await b.step(
-            "kernel-download",
-            [
-                "apt-get",
-                "download",
-                "-o",
-                "APT::Sandbox::User=root",
-                f"{kernel.name}={kernel.version}",
-            ],
-            cwd=b.downloads,
-        )
-        if not deb.is_file():
-            raise BuildError(f"apt-get download did not produce {deb}")
-    await b.step("kernel-extract", ["dpkg", "-x", deb, b.extracted])
-    log.info(
-        "guest.build.kernel_extracted", package=kernel.name, version=kernel.version, deb=str(deb)
-    )
+def module_name(path: Path) -> str:
+    return path.name.split(".ko")[0].replace("-", "_")
 
 
-async def _copy_modules(b: _Build) -> Path:
-    """Copy WANTED_MODULES and their dependencies; return idxd.ko's source path."""
-    source = b.extracted / "lib" / "modules" / b.kernel.kernel_version
-    index: dict[str, Path] = {}
-    for found in (source / "kernel").rglob("*.ko*"):
-        index[found.name.split(".ko")[0].replace("-", "_")] = found
-    selected: dict[str, Path] = {}
+def decompress_module(source: Path, dest: Path) -> None:
+    """A module file as the kernel loads it: plain ELF, whatever the tree compressed it with."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    match source.name.rsplit(".ko", 1)[-1]:
+        case "":
+            shutil.copyfile(source, dest)
+        case ".xz":
+            dest.write_bytes(lzma.decompress(source.read_bytes()))
+        case ".gz":
+            dest.write_bytes(gzip.decompress(source.read_bytes()))
+        case ".zst":
+            with dest.open("wb") as out:
+                subprocess.run(["zstd", "-dc", source], stdout=out, check=True)
+        case other:
+            raise BuildError(f"module {source} has an unknown compression {other!r}")
+    dest.chmod(0o644)
+
+
+def module_index(modules: Path) -> dict[str, Path]:
+    """Every module of a lib/modules/<release> tree (kernel/, and extra/ or updates/ where
+    modules built out of tree go), by name."""
+    return {module_name(p): p for p in modules.rglob("*.ko*")}
+
+
+async def _copy_modules(b: _Build) -> list[str]:
+    """Copy WANTED_MODULES and their dependencies, decompressed."""
+    source = b.kernel.modules
+    if source is None:
+        return []
+    index = module_index(source)
+    selected: list[str] = []
     pending = list(WANTED_MODULES)
     while pending:
         name = pending.pop()
@@ -285,76 +273,32 @@ async def _copy_modules(b: _Build) -> Path:
             continue
         path = index.get(name)
         if path is None:
-            raise BuildError(f"module {name} is not in {b.kernel.name}")
-        # Debian's 6.1 kernels ship plain .ko files (CONFIG_MODULE_COMPRESS_NONE);
-        # a compressed one would need a decompression step first.
-        if path.suffix != ".ko":
-            raise BuildError(f"module {path} is compressed; the image builder expects plain .ko")
-        selected[name] = path
-        depends = (await _capture(["modinfo", "-F", "depends", path])).strip()
+            raise BuildError(f"module {name} is not in {source}")
+        dest = b.modules / path.relative_to(source).with_name(f"{module_name(path)}.ko")
+        decompress_module(path, dest)
+        selected.append(name)
+        depends = (await capture(["modinfo", "-F", "depends", dest])).strip()
         pending += [d.replace("-", "_") for d in depends.split(",") if d]
-    for path in selected.values():
-        _install(path, b.modules / path.relative_to(source), 0o644)
-    # depmod reads these to order modules.dep and to know the built-in modules.
-    for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+    for name in MODULES_METADATA:
         if (source / name).is_file():
             _install(source / name, b.modules / name, 0o644)
     log.info("guest.build.modules_selected", modules=sorted(selected))
-    return selected["idxd"]
-
-
-async def _build_dmatest(b: _Build, reference_module: Path) -> None:
-    kver = b.kernel.kernel_version
-    tarball = Path(f"/usr/src/linux-source-{KERNEL_SERIES}.tar.xz")
-    headers = Path(f"/usr/src/linux-headers-{kver}")
-    for needed, package in (
-        (tarball, f"linux-source-{KERNEL_SERIES}"),
-        (headers, f"linux-headers-{kver}"),
-    ):
-        if not needed.exists():
-            raise BuildError(f"{needed} is missing: install {package} (.ci/setup does)")
-    src = b.work / "dmatest"
-    src.mkdir(parents=True)
-    await b.step(
-        "dmatest-source",
-        [
-            "tar",
-            "-xJf",
-            tarball,
-            "-C",
-            src,
-            "--strip-components=3",
-            "--occurrence=1",
-            f"linux-source-{KERNEL_SERIES}/drivers/dma/dmatest.c",
-        ],
-    )
-    (src / "Kbuild").write_text("obj-m := dmatest.o\n")
-    await b.step(
-        "dmatest-build", ["make", "-C", headers, f"M={src}", f"-j{os.cpu_count() or 1}", "modules"]
-    )
-    built = (await _capture(["modinfo", "-F", "vermagic", src / "dmatest.ko"])).strip()
-    expected = (await _capture(["modinfo", "-F", "vermagic", reference_module])).strip()
-    if built != expected:
-        raise BuildError(f"dmatest.ko has vermagic {built!r}, the kernel's modules {expected!r}")
-    dest = b.modules / "extra" / "dmatest.ko"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    await b.step("dmatest-strip", ["strip", "--strip-debug", "-o", dest, src / "dmatest.ko"])
-    log.info("guest.build.dmatest_built", vermagic=built)
+    return selected
 
 
 async def _copy_accel_config(b: _Build) -> None:
-    ldd = await _capture(["ldd", ACCEL_CONFIG])
+    ldd = await capture(["chroot", b.userland.path, "ldd", ACCEL_CONFIG])
     if "not found" in ldd:
         raise BuildError(f"{ACCEL_CONFIG} has unresolved libraries:\n{ldd}")
     libraries = re.findall(r"(/\S+) \(0x", ldd)
     loaders = re.findall(r"^\s*(/\S+) \(0x", ldd, re.MULTILINE)
     if len(loaders) != 1:
         raise BuildError(f"cannot find the dynamic loader of {ACCEL_CONFIG} in:\n{ldd}")
-    for path in (str(ACCEL_CONFIG), *libraries):
-        _install(Path(path), b.root / path.lstrip("/"), 0o755)
+    for path in (ACCEL_CONFIG, *libraries):
+        _install(b.userland.inside(path), b.tree / path.lstrip("/"), 0o755)
     # accel-config itself refuses to run without the idxd module, so check
     # instead that the loader resolves every library inside the tree alone.
-    await b.step("accel-config-check", ["chroot", b.root, loaders[0], "--list", ACCEL_CONFIG])
+    await b.step("accel-config-check", ["chroot", b.tree, loaders[0], "--list", ACCEL_CONFIG])
     log.info("guest.build.accel_config_copied", libraries=libraries)
 
 
@@ -366,17 +310,17 @@ def guest_program_argv(source: Path, dest: Path) -> list[str | Path]:
 
 async def _compile_guest_programs(b: _Build) -> None:
     for program, source in GUEST_PROGRAMS.items():
-        dest = b.root / "usr" / "bin" / program
+        dest = b.tree / "usr" / "bin" / program
         dest.parent.mkdir(parents=True, exist_ok=True)
         await b.step(program, guest_program_argv(NATIVE_GUEST / source, dest))
 
 
 async def _link_busybox_applets(b: _Build) -> int:
     """Symlink every applet to /bin/busybox, except where the tree has a real program."""
-    listing = await _capture([b.root / "bin" / "busybox", "--list-full"])
+    listing = await capture([b.tree / "bin" / "busybox", "--list-full"])
     made = 0
     for rel in listing.split():
-        link = b.root / rel
+        link = b.tree / rel
         if link.exists() or link.is_symlink():
             continue
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -399,30 +343,35 @@ def _normalize_modes(root: Path) -> None:
     (root / "root").chmod(0o700)
 
 
-async def _assemble(b: _Build, out: Path) -> None:
-    root = b.root
+async def _fill_tree(b: _Build) -> None:
+    tree = b.tree
     # Mount points, HOME and the directory the script archive fills.
     for directory in ("dev", "proc", "sys", "tmp", "run", "root", "vdsa"):
-        (root / directory).mkdir(parents=True, exist_ok=True)
-    await _fetch_kernel(b)
-    _install(b.extracted / "boot" / f"vmlinuz-{b.kernel.kernel_version}", out / KERNEL_FILE, 0o644)
-    idxd = await _copy_modules(b)
-    await _build_dmatest(b, idxd)
-    _install(BUSYBOX, root / "bin" / "busybox", 0o755)
+        (tree / directory).mkdir(parents=True, exist_ok=True)
+    await _copy_modules(b)
+    if b.kernel.dmatest is not None:
+        b.modules.joinpath("extra").mkdir(parents=True, exist_ok=True)
+        await b.step("dmatest-strip", ["strip", "--strip-debug", "-o",
+                                       b.modules / "extra" / "dmatest.ko", b.kernel.dmatest])
+    _install(b.userland.inside("/bin/busybox"), tree / "bin" / "busybox", 0o755)
     await _copy_accel_config(b)
     await _compile_guest_programs(b)
-    _install(GUEST_FILES / "init", root / "init", 0o755)
-    _install(GUEST_FILES / "vdsa-result", root / "usr" / "bin" / "vdsa-result", 0o755)
-    # Debian's kernel package ships no modules.dep; modprobe needs it.
-    await b.step("depmod", ["depmod", "-b", root, b.kernel.kernel_version])
+    _install(GUEST_FILES / "init", tree / "init", 0o755)
+    _install(GUEST_FILES / "vdsa-result", tree / "usr" / "bin" / "vdsa-result", 0o755)
+    if b.kernel.modules is not None:
+        # The release's own depmod; busybox's modprobe reads the modules.dep it writes.
+        await b.step("depmod", ["chroot", b.userland.path, "depmod", "-b", b.in_root(tree),
+                                b.kernel.version])
     links = await _link_busybox_applets(b)
     log.info("guest.build.busybox_linked", applets=links)
-    _normalize_modes(root)
+    _normalize_modes(tree)
 
+
+async def _pack(b: _Build, out: Path, release: str | None) -> None:
     cpio = b.work / "initramfs.cpio"
     with cpio.open("wb") as stream:
         writer = CpioWriter(stream)
-        writer.tree(root)
+        writer.tree(b.tree)
         writer.finish()
     uncompressed = cpio.stat().st_size
     await b.step("gzip", ["gzip", "-9", "-n", cpio])
@@ -431,50 +380,68 @@ async def _assemble(b: _Build, out: Path) -> None:
     # recognises at a 4-byte aligned offset.
     with (out / INITRAMFS_FILE).open("ab") as stream:
         pad4(stream)
-    (out / INFO_FILE).write_text(
-        json.dumps(
-            {
-                "kernel_version": b.kernel.kernel_version,
-                "kernel_package": b.kernel.name,
-                "kernel_package_version": b.kernel.version,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    log.info(
-        "guest.build.packed",
-        initramfs_bytes=(out / INITRAMFS_FILE).stat().st_size,
-        uncompressed_bytes=uncompressed,
-    )
+    _install(b.kernel.image, out / KERNEL_FILE, 0o644)
+    (out / INFO_FILE).write_text(json.dumps({
+        "kernel_version": b.kernel.version,
+        "release": release,
+        "userland": b.userland.release,
+        "dmatest": b.kernel.dmatest is not None,
+    }, indent=2) + "\n")
+    log.info("guest.build.packed", initramfs_bytes=(out / INITRAMFS_FILE).stat().st_size,
+             uncompressed_bytes=uncompressed)
 
 
-async def build_guest(*, force: bool = False) -> GuestImage:
-    """Build the guest image unless the cache has it (or ``force``); return it."""
-    art = guest_artifact()
-    kernel = KernelPackage(art.inputs["kernel_package"], art.inputs["kernel_package_version"])
-    log.info(
-        "guest.build.kernel_resolved",
-        package=kernel.name,
-        version=kernel.version,
-        kernel_version=kernel.kernel_version,
-    )
+async def assemble_image(art: Artifact, kernel: KernelFiles, userland: DebianRoot,
+                         release: str | None) -> GuestImage:
+    """Build ``art`` as the image of ``kernel`` with ``userland``'s tools; return it."""
+    started = time.monotonic()
+    b = _Build(kernel=kernel, userland=userland,
+               work=userland.path / "tmp" / f"vdsa-image.{uuid.uuid4().hex}",
+               logs=art.root / "logs" / f"{art.name}-{art.key}")
+    shutil.rmtree(b.logs, ignore_errors=True)
+    b.work.mkdir(parents=True)
+    log.info("guest.build.start", name=art.name, key=art.key, kernel=kernel.version,
+             userland=userland.release, logs=str(b.logs))
+    try:
+        with art.building() as out:
+            await _fill_tree(b)
+            await _pack(b, out, release)
+    finally:
+        shutil.rmtree(b.work, ignore_errors=True)
+    log.info("guest.build.done", path=str(art.path), seconds=round(time.monotonic() - started, 1))
+    return load_image(art.path)
+
+
+def release_kernel(root: DebianRoot) -> KernelFiles:
+    return KernelFiles(image=root.kernel, version=root.kernel_version, modules=root.modules,
+                       dmatest=root.dmatest)
+
+
+async def build_guest(release: str = DEFAULT_RELEASE, *, force: bool = False) -> GuestImage:
+    """The release's guest image from the cache, or built now with its root (``force``:
+    both anew)."""
+    root = await build_root(release, force=force)
+    art = guest_artifact(release)
+    log.info("guest.build.kernel_resolved", release=release, kernel_version=root.kernel_version,
+             kernel_package_version=root.kernel_package_version)
     if art.is_complete() and not force:
         log.info("guest.build.cached", path=str(art.path))
-        return _load(art.path)
-    started = time.monotonic()
-    b = _Build(
-        kernel=kernel,
-        work=art.root / "work" / f"{art.name}-{art.key}",
-        logs=art.root / "logs" / f"{art.name}-{art.key}",
-        downloads=art.root / "downloads",
-    )
-    shutil.rmtree(b.work, ignore_errors=True)
-    b.work.mkdir(parents=True)
-    log.info("guest.build.start", key=art.key, work=str(b.work), logs=str(b.logs))
-    with art.building() as out:
-        await _assemble(b, out)
-    # Kept after a failure for inspection; hundreds of MB once done.
-    shutil.rmtree(b.work, ignore_errors=True)
-    log.info("guest.build.done", path=str(art.path), seconds=round(time.monotonic() - started, 1))
-    return _load(art.path)
+        return load_image(art.path)
+    return await assemble_image(art, release_kernel(root), root, release)
+
+
+async def build_guests(releases: Sequence[str] = RELEASES, *, force: bool = False
+                       ) -> dict[str, GuestImage]:
+    """Several releases' images, built side by side (their downloads and their compiles
+    overlap)."""
+    for release in releases:
+        check_release(release)
+    built: dict[str, GuestImage] = {}
+
+    async def one(release: str) -> None:
+        built[release] = await build_guest(release, force=force)
+
+    async with trio.open_nursery() as nursery:
+        for release in releases:
+            nursery.start_soon(one, release)
+    return {release: built[release] for release in releases}

@@ -45,6 +45,10 @@ KERNEL_CMDLINE = "console=ttyS0 loglevel=1 panic=-1"
 PROBE_TIMEOUT = 60.0
 STOP_GRACE = 5.0
 STDERR_TAIL = 40
+# How long a guest that has reported its script's end may take to power off.
+POWER_OFF_GRACE = 10.0
+# What the default script timeout leaves of the boot's for booting and reporting.
+SCRIPT_TIMEOUT_MARGIN = 60.0
 
 
 class LaunchError(RuntimeError):
@@ -246,6 +250,15 @@ class BootSpec:
     log_dir: Path | None = None
     guest: GuestImage | None = None
     iommu: Iommu | None = None
+    kernel_args: Sequence[str] = ()  # added to the kernel command line
+    # Seconds the guest's /init lets the script run before it ends it and reports (default:
+    # the boot's timeout less SCRIPT_TIMEOUT_MARGIN, or less a quarter of a short one).
+    script_timeout: float | None = None
+
+    @property
+    def script_seconds(self) -> int:
+        margin = min(SCRIPT_TIMEOUT_MARGIN, self.timeout / 4)
+        return max(1, int(self.script_timeout or self.timeout - margin))
 
 
 @dataclass(frozen=True)
@@ -260,16 +273,20 @@ class GuestRun:
     console_log: Path
     seconds: float
     qemu: QemuCapabilities
+    # False when the guest hung in its power-off after reporting (a wedged driver's
+    # shutdown hook) and QEMU was stopped instead.
+    powered_off: bool = True
 
 
 def qemu_argv(qemu: Path, profile: Profile, cpu: str, guest: GuestImage, initrd: Path,
               firmware_dirs: Sequence[Path], socket: Path | None,
-              iommu: Iommu | None = None) -> list[str]:
+              iommu: Iommu | None = None, kernel_args: Sequence[str] = ()) -> list[str]:
     argv = [str(qemu), "-no-user-config", "-nodefaults", "-readconfig", str(profile.readconfig),
             "-cpu", cpu, "-display", "none", "-no-reboot", "-nic", "none"]
     for directory in firmware_dirs:
         argv += ["-L", str(directory)]
-    cmdline = KERNEL_CMDLINE if iommu is None else f"{KERNEL_CMDLINE} {iommu.kernel_options}"
+    options = [KERNEL_CMDLINE, *([iommu.kernel_options] if iommu else []), *kernel_args]
+    cmdline = " ".join(options)
     argv += ["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
              "-kernel", str(guest.kernel), "-initrd", str(initrd), "-append", cmdline]
     if iommu is not None:
@@ -327,10 +344,12 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
     initrd = log_dir / "initrd.img"
     initrd.write_bytes(guest.initramfs.read_bytes() + script_archive(spec.script, spec.files))
     argv = qemu_argv(qemu, profile, cpu, guest, initrd, spec.firmware_dirs, spec.socket,
-                     spec.iommu)
+                     spec.iommu, [*spec.kernel_args, f"vdsa.script_timeout={spec.script_seconds}"])
     (log_dir / "qemu-argv.json").write_text(json.dumps(argv, indent=1) + "\n")
 
     transcript = console.Transcript()
+    script_ended = trio.Event()
+    powered_off = True
     stderr_tail: list[str] = []
     started = time.monotonic()
     log.info("qemu.start", profile=profile.name, cpu=cpu, socket=str(spec.socket),
@@ -361,6 +380,7 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
                 sink.write(f"[vdsa] guest kernel {kernel} started its init\n")
             case console.Exit(status):
                 sink.write(f"[vdsa] script exited with status {status}\n")
+                script_ended.set()
             case console.Dmesg(text):
                 (log_dir / "dmesg.txt").write_text(text)
         sink.flush()
@@ -376,16 +396,30 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
                 del stderr_tail[:-STDERR_TAIL]
                 log.warning("qemu.stderr", line=text)
 
+    async def bound_power_off() -> None:
+        nonlocal powered_off
+        await script_ended.wait()
+        with trio.move_on_after(POWER_OFF_GRACE):
+            await proc.wait()
+            return
+        powered_off = False
+        log.warning("guest.power_off_hung", seconds=POWER_OFF_GRACE,
+                    meaning="the script's results are in; QEMU is stopped")
+        proc.kill()
+
     try:
         with console_log.open("w") as sink, trio.fail_after(spec.timeout):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read_console, sink)
                 nursery.start_soon(read_stderr)
-                await proc.wait()
+                async with trio.open_nursery() as watch:
+                    watch.start_soon(bound_power_off)
+                    await proc.wait()
+                    watch.cancel_scope.cancel()
     except trio.TooSlowError:
         raise GuestBootTimeout(
             f"the guest did not finish within {spec.timeout:.0f} s "
-            f"(exit reported: {transcript.exit_status is not None}); console log: {console_log}"
+            f"({_progress(transcript, guest)}); console log: {console_log}"
         ) from None
     finally:
         await _stop(proc)
@@ -394,16 +428,26 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
              script_status=transcript.exit_status)
 
     if transcript.panicked:
-        raise GuestPanic(f"the guest kernel panicked; console log: {console_log}")
+        raise GuestPanic(f"the guest kernel panicked ({_progress(transcript, guest)}); "
+                         f"console log: {console_log}")
     if transcript.exit_status is None:
         raise QemuExited(
-            f"QEMU exited with status {proc.returncode} before the guest script finished; "
+            f"QEMU exited with status {proc.returncode} before the guest script finished "
+            f"({_progress(transcript, guest)}); "
             f"console log: {console_log}\ncommand: {' '.join(argv)}\n" + "\n".join(stderr_tail),
             returncode=proc.returncode, argv=argv, stderr="\n".join(stderr_tail),
         )
     return GuestRun(kernel=transcript.kernel, lines=transcript.lines, results=transcript.results,
                     dmesg=transcript.dmesg, exit_status=transcript.exit_status,
-                    console_log=console_log, seconds=seconds, qemu=caps)
+                    console_log=console_log, seconds=seconds, qemu=caps,
+                    powered_off=powered_off)
+
+
+def _progress(transcript: console.Transcript, guest: GuestImage) -> str:
+    """How far a boot that did not finish got."""
+    if transcript.kernel is None:
+        return f"kernel {guest.kernel_version} never reached the image's /init"
+    return f"exit reported: {transcript.exit_status is not None}"
 
 
 async def boot_with_server(spec: BootSpec, config: DeviceConfig,

@@ -1,0 +1,121 @@
+"""The Debian release roots that guest images are made from: names, the
+resolution of paths inside a root, and the errors of a bad release, mirror or
+package list, which must leave nothing half-built in the cache."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from vdsa_server.builds import debian_root
+from vdsa_server.builds.debian_root import (
+    RELEASES,
+    DebianRootMissing,
+    build_root,
+    find_root,
+    resolve_inside,
+    root_artifact,
+)
+from vdsa_server.builds.steps import BuildError
+
+
+def test_releases_oldest_first() -> None:
+    assert RELEASES == ("bookworm", "trixie", "sid")
+
+
+def test_root_key_follows_release_mirror_and_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = {root_artifact(r).key for r in RELEASES}
+    assert len(keys) == 3
+    monkeypatch.setenv("VDSA_DEBIAN_MIRROR", "http://mirror.example/debian")
+    assert root_artifact("sid").key not in keys
+    keys.add(root_artifact("sid").key)
+    monkeypatch.setattr(debian_root, "PACKAGES", (*debian_root.PACKAGES, "strace"))
+    assert root_artifact("sid").key not in keys
+
+
+@pytest.mark.parametrize("name", ["jessie", "", "Trixie", "../sid", "stable"])
+def test_unknown_release_is_refused_before_anything_is_made(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VDSA_CACHE", str(tmp_path))
+    with pytest.raises(BuildError, match="unknown Debian release"):
+        trio.run(build_root, name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_root_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VDSA_CACHE", str(tmp_path))
+    with pytest.raises(DebianRootMissing, match="vdsa build guest --kernel trixie"):
+        find_root("trixie")
+
+
+def test_paths_resolve_inside_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "usr" / "lib").mkdir()
+    (root / "usr" / "bin" / "tool").write_text("tool")
+    (root / "usr" / "lib" / "libx.so.1.2").write_text("lib")
+    (root / "bin").symlink_to("usr/bin")
+    # An absolute link means the root's /usr/lib, never the host's.
+    (root / "usr" / "lib" / "libx.so.1").symlink_to("/usr/lib/libx.so.1.2")
+    (root / "lib").symlink_to("usr/lib")
+    (root / "usr" / "lib" / "up").symlink_to("../../../../../usr/lib")
+    assert resolve_inside(root, Path("/bin/tool")) == root / "usr" / "bin" / "tool"
+    assert resolve_inside(root, Path("/lib/libx.so.1")) == root / "usr" / "lib" / "libx.so.1.2"
+    assert resolve_inside(root, Path("/usr/lib/up/libx.so.1.2")) == (
+        root / "usr" / "lib" / "libx.so.1.2")
+    (root / "loop").symlink_to("/loop")
+    with pytest.raises(BuildError, match="too many symlinks"):
+        resolve_inside(root, Path("/loop"))
+
+
+@pytest.fixture
+def empty_mirror(tmp_path: Path) -> Iterator[str]:
+    """An HTTP server with no Debian archive in it."""
+    (tmp_path / "www").mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
+         "--directory", str(tmp_path / "www")], stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout is not None
+        banner = server.stdout.readline()
+        port = re.search(r"port (\d+)", banner)
+        assert port, banner
+        yield f"http://127.0.0.1:{port[1]}/debian"
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+def assert_nothing_left(cache: Path) -> None:
+    left = [p.name for p in cache.iterdir() if p.name != "logs"]
+    assert left == [], left
+
+
+def test_a_mirror_without_the_release_is_a_clear_error(
+        empty_mirror: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VDSA_CACHE", str(cache))
+    monkeypatch.setenv("VDSA_DEBIAN_MIRROR", empty_mirror)
+    with pytest.raises(BuildError, match=r"root-trixie-debootstrap.*\n.*(?s:.*)Release"):
+        trio.run(build_root, "trixie")
+    assert_nothing_left(cache)
+
+
+@pytest.mark.network
+def test_a_package_the_mirror_lacks_is_named(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VDSA_CACHE", str(cache))
+    monkeypatch.setattr(debian_root, "PACKAGES", (*debian_root.PACKAGES, "vdsa-no-such-package"))
+    with pytest.raises(BuildError, match=r"(?s)root-trixie-apt-install.*vdsa-no-such-package"):
+        trio.run(build_root, "trixie")
+    assert_nothing_left(cache)
