@@ -54,7 +54,7 @@ UNBIND_WHILE_ENABLED_UAF = KernelBug(
                          r"0x6b6b6b6b6b6b6b6b(?s:.){0,3000}?idxd_device_drv_remove"),
 )
 
-KNOWN_BUGS = (EVL_FREE_NULL_DEREF, UNBIND_WHILE_ENABLED_UAF)
+KNOWN_BUGS = (EVL_FREE_NULL_DEREF, UNBIND_WHILE_ENABLED_UAF)  # the README lists them in this order
 
 
 def evidence(dmesg: str, match: re.Match[str]) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BootGuest, CliBoot, run_cli
+from tests.kernel_bugs import EVL_FREE_NULL_DEREF, expect_bug
+from vdsa_server.builds.debian_root import RELEASES
 from vdsa_server.launch.launcher import GuestBootTimeout, GuestPanic
 from vdsa_server.launch.sample_server import SAMPLE_FUNCTION, sample_server
 from vdsa_server.transport.socket_path import SocketPathTaken
@@ -17,11 +19,16 @@ pytestmark = pytest.mark.boot
 
 
 
-@pytest.fixture(scope="module")
-def platform_check(tmp_path_factory: pytest.TempPathFactory) -> CliBoot:
-    """One run of the README's main job (`vdsa demo`: the platform check and
-    the DSA configuration in a guest served by vdsa), shared by the tests below."""
-    return run_cli("demo", log_dir=tmp_path_factory.mktemp("demo"))
+@pytest.fixture(scope="module", params=RELEASES)
+def platform_check(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> CliBoot:
+    """One run per release of the README's main job (`vdsa demo`: the platform check,
+    the DSA configuration and dmatest in a guest served by vdsa), shared by the tests
+    below."""
+    # dsa-configure.sh's disable step oopses on 6.12 and leaves the next step stuck.
+    return run_cli("demo", "--script-timeout", "90",
+                   log_dir=tmp_path_factory.mktemp(f"demo-{request.param}"),
+                   release=request.param)
 
 
 def test_guest_cpuinfo_lists_movdir64b(platform_check: CliBoot) -> None:
@@ -46,7 +53,9 @@ def test_stock_idxd_loads(platform_check: CliBoot) -> None:
     assert results["check.idxd_no_movdir64b_refusal"] == "pass"
 
 
-def test_platform_check_exit_status(platform_check: CliBoot) -> None:
+def test_platform_check_exit_status(platform_check: CliBoot, request: pytest.FixtureRequest
+                                    ) -> None:
+    expect_bug(request, platform_check.release, platform_check.dmesg_file, EVL_FREE_NULL_DEREF)
     assert platform_check.returncode == 0, platform_check.context()
     assert platform_check.summary["exit_status"] == 0
     assert platform_check.summary["kernel"].endswith("-amd64")
@@ -113,7 +122,10 @@ async def test_a_script_stuck_past_its_timeout_is_ended_and_reports(boot_guest: 
     run = await boot_guest("echo before\nsleep 100000\necho after", name="stuck", timeout=120,
                            script_timeout=5)
     assert run.exit_status == 137
-    assert run.lines == ["before", "vdsa: the script ran past vdsa.script_timeout=5 s; ended it"]
+    # Then, maybe, the shell's own "Killed" for the script.
+    ended = "vdsa: the script ran past vdsa.script_timeout=5 s; ended it"
+    assert run.lines[:2] == ["before", ended]
+    assert "after" not in run.lines
     assert "Show Blocked State" in run.dmesg
     assert run.powered_off
 

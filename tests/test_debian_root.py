@@ -21,6 +21,7 @@ from vdsa_server.builds.debian_root import (
     find_root,
     resolve_inside,
     root_artifact,
+    sources,
 )
 from vdsa_server.builds.steps import BuildError
 
@@ -37,6 +38,20 @@ def test_root_key_follows_release_mirror_and_packages(monkeypatch: pytest.Monkey
     keys.add(root_artifact("sid").key)
     monkeypatch.setattr(debian_root, "PACKAGES", (*debian_root.PACKAGES, "strace"))
     assert root_artifact("sid").key not in keys
+
+
+def test_a_stable_release_has_its_updates_and_security_suites(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sources("sid") == "deb http://deb.debian.org/debian sid main\n"
+    assert sources("trixie").splitlines() == [
+        "deb http://deb.debian.org/debian trixie main",
+        "deb http://deb.debian.org/debian trixie-updates main",
+        "deb http://deb.debian.org/debian-security trixie-security main",
+    ]
+    before = root_artifact("bookworm").key
+    monkeypatch.setenv("VDSA_DEBIAN_SECURITY_MIRROR", "http://security.example/debian-security")
+    assert "security.example" in sources("bookworm")
+    assert root_artifact("bookworm").key != before
 
 
 @pytest.mark.parametrize("name", ["jessie", "", "Trixie", "../sid", "stable"])

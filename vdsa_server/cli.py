@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", type=Path, help="device configuration (TOML)")
     _add_kernel(demo)
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole boot")
+    demo.add_argument("--script-timeout", type=_positive, default=180.0, metavar="SECONDS",
+                      help="seconds the guest lets the demo's scripts run (default 180; they "
+                      "take about 20)")
     demo.add_argument("--log-dir", type=Path, help="where the logs and the socket go")
     demo.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     return parser
@@ -338,10 +341,11 @@ def _demo(args: argparse.Namespace) -> int:
              for name in ("platform-check.sh", "dsa-configure.sh", "dmatest.sh")}
     spec = BootSpec(script=(scripts / "demo.sh").read_bytes(), files=files,
                     socket=log_dir / "vdsa.sock", log_dir=log_dir, timeout=args.timeout,
-                    guest=_guest(args))
+                    script_timeout=args.script_timeout, guest=_guest(args))
     run = trio.run(boot_with_server, spec, _device_config(args.config), _streamer(args.json))
     _print_run(run, args.json)
     states = run.results.get("states.enabled", "missing")
+    print(f"guest: Debian {args.kernel}, kernel {run.kernel}", file=sys.stderr)
     print(f"virtual DSA in the guest: device and wq0.0 {states}", file=sys.stderr)
     for name in ("run1", "run2"):
         tests = run.results.get(f"dmatest.{name}.tests", "missing")

@@ -37,8 +37,13 @@ log = get_logger()
 RELEASES = ("bookworm", "trixie", "sid")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 ENV_MIRROR = "VDSA_DEBIAN_MIRROR"
+DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+ENV_SECURITY_MIRROR = "VDSA_DEBIAN_SECURITY_MIRROR"
+# The rolling release has no updates or security suites; a stable one's current
+# kernel is often only in them.
+ROLLING = "sid"
 # Bump when the root's layout or its build changes in a way the other inputs miss.
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 # linux-headers-amd64 brings the release's compiler; make and xz-utils build and unpack.
 PACKAGES = ("linux-image-amd64", "linux-headers-amd64", "busybox-static", "kmod",
             "accel-config", "make", "xz-utils")
@@ -114,12 +119,24 @@ def mirror() -> str:
     return os.environ.get(ENV_MIRROR) or DEFAULT_MIRROR
 
 
+def sources(release: str) -> str:
+    """The root's apt sources: the release, and for a stable one its updates and security
+    suites."""
+    lines = [f"deb {mirror()} {release} main"]
+    if release != ROLLING:
+        security = os.environ.get(ENV_SECURITY_MIRROR) or DEFAULT_SECURITY_MIRROR
+        lines += [f"deb {mirror()} {release}-updates main",
+                  f"deb {security} {release}-security main"]
+    return "\n".join(lines) + "\n"
+
+
 def root_artifact(release: str) -> Artifact:
     check_release(release)
     return artifact(f"debian-root-{release}", {
         "format": FORMAT_VERSION,
         "release": release,
         "mirror": mirror(),
+        "sources": sources(release),
         "packages": " ".join(PACKAGES),
     })
 
@@ -155,8 +172,10 @@ class _Build:
                        env=env)
 
     async def chroot(self, name: str, *argv: str) -> None:
+        # INITRD=No: the kernel's hooks (initramfs-tools, dracut) skip making an initrd,
+        # which the guest image does not use.
         await self.step(name, in_root(self.root, *argv),
-                        env={"DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"})
+                        env={"DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C", "INITRD": "No"})
 
     async def capture(self, *argv: str) -> str:
         done = await trio.run_process(in_root(self.root, *argv), capture_stdout=True,
@@ -188,6 +207,7 @@ def _kernel_version(root: Path) -> str:
 
 
 async def _install_packages(b: _Build) -> None:
+    (b.root / "etc" / "apt" / "sources.list").write_text(sources(b.release))
     (b.root / "etc" / "apt" / "apt.conf.d" / "99vdsa").write_text(APT_CONF)
     (b.root / "etc" / "dpkg" / "dpkg.cfg.d" / "99vdsa").write_text(DPKG_EXCLUDES)
     await b.chroot("apt-update", "apt-get", "update")
