@@ -14,6 +14,7 @@ import trio
 
 from tests.test_boot_dmatest import CHANNEL, KERNEL_TROUBLE, SUMMARY
 from vdsa_server.bench.guest import KB, MB, GuestBench, GuestBenchPlan, run_guest_bench
+from vdsa_server.launch.launcher import QEMU_STDERR
 
 pytestmark = pytest.mark.boot
 
@@ -88,3 +89,4 @@ def test_logs_stay_in_the_log_dir(bench: GuestBench) -> None:
     log_dir: Path = bench.run.console_log.parent
     assert "bench.memcpy.kbps" in bench.run.console_log.read_text()
     assert (log_dir / "dmesg.txt").read_text() == bench.run.dmesg
+    assert (log_dir / QEMU_STDERR).is_file()

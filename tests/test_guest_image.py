@@ -252,6 +252,25 @@ def test_memcpy_bench_refuses_bad_arguments(memcpy_bench: Path, args: list[str])
 
 
 @pytest.fixture(scope="module")
+def hostile_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_guest_program("hostile-guest", tmp_path_factory.mktemp("hostile-guest"))
+
+
+@pytest.mark.parametrize("args", [[], ["1"], ["1", "10", "1"], ["0", "10"], ["1", "0"],
+                                  ["-1", "10"], ["1", "10x"]])
+def test_hostile_guest_refuses_bad_arguments(hostile_guest: Path, args: list[str]) -> None:
+    done = subprocess.run([hostile_guest, *args], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(("usage: hostile-guest", "hostile-guest: "))
+
+
+def test_hostile_guest_needs_a_dsa_function(hostile_guest: Path) -> None:
+    done = subprocess.run([hostile_guest, "1", "10"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (3, "")
+    assert done.stderr.startswith("hostile-guest: no 8086:0b25 function")
+
+
+@pytest.fixture(scope="module")
 def portal_race(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return compile_guest_program("portal-race", tmp_path_factory.mktemp("portal-race"))
 

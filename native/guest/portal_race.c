@@ -21,10 +21,6 @@
  * clock failed), 2 bad arguments, 3 the setup failed (no device, mapping, CPUs).
  */
 #define _GNU_SOURCE
-#include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <limits.h>
 #include <linux/idxd.h>
 #include <pthread.h>
 #include <sched.h>
@@ -33,18 +29,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 #define PROGRAM "portal-race"
 #include "guest_program.h"
 
-#define PCI_DEVICES "/sys/bus/pci/devices"
-#define DSA_VENDOR 0x8086
-#define DSA_DEVICE 0x0b25
-/* WQ 0's first portal page starts BAR2 (registers.py, wq_portal_offset). */
-#define PORTAL_PAGE 4096
-#define PAGE 4096
 #define THREADS 2
 #define TIMEOUT_MS 1000
 /* Completion records are 32-byte aligned; a cache line each keeps the two
@@ -63,111 +51,6 @@ struct worker {
 	int ran_on; /* sched_getcpu() in the thread */
 	unsigned long long submitted, completed, failed, lost;
 };
-
-static unsigned long read_hex(const char *dir, const char *name)
-{
-	char path[PATH_MAX], text[32] = "";
-	FILE *f;
-
-	snprintf(path, sizeof(path), "%s/%s", dir, name);
-	f = fopen(path, "r");
-	if (!f)
-		return 0;
-	if (!fgets(text, sizeof(text), f))
-		text[0] = '\0';
-	fclose(f);
-	return strtoul(text, NULL, 16);
-}
-
-/* The PCI address of the first DSA function, in name (at least 256 bytes). */
-static int find_dsa(char *name)
-{
-	char dir[PATH_MAX];
-	struct dirent *entry;
-	DIR *devices = opendir(PCI_DEVICES);
-	int found = 0;
-
-	if (!devices) {
-		perror(PROGRAM ": " PCI_DEVICES);
-		return 0;
-	}
-	while (!found && (entry = readdir(devices))) {
-		if (entry->d_name[0] == '.')
-			continue;
-		snprintf(dir, sizeof(dir), "%s/%s", PCI_DEVICES, entry->d_name);
-		if (read_hex(dir, "vendor") == DSA_VENDOR && read_hex(dir, "device") == DSA_DEVICE) {
-			snprintf(name, 256, "%s", entry->d_name);
-			found = 1;
-		}
-	}
-	closedir(devices);
-	if (!found)
-		fprintf(stderr, PROGRAM ": no %04x:%04x function in %s\n", DSA_VENDOR, DSA_DEVICE,
-			PCI_DEVICES);
-	return found;
-}
-
-static volatile void *map_portal(const char *device)
-{
-	char path[PATH_MAX];
-	void *portal;
-	int fd;
-
-	snprintf(path, sizeof(path), "%s/%s/resource2", PCI_DEVICES, device);
-	fd = open(path, O_RDWR);
-	if (fd < 0) {
-		fprintf(stderr, PROGRAM ": %s: %s\n", path, strerror(errno));
-		return NULL;
-	}
-	portal = mmap(NULL, PORTAL_PAGE, PROT_WRITE, MAP_SHARED, fd, 0);
-	close(fd);
-	if (portal == MAP_FAILED) {
-		perror(PROGRAM ": mmap resource2");
-		return NULL;
-	}
-	return portal;
-}
-
-/* A locked page and its guest-physical address: locked, so that the page
- * stays where the device writes for as long as the program runs. */
-static void *physical_page(uint64_t *pa)
-{
-	uint64_t entry;
-	void *page;
-	int fd;
-
-	page = mmap(NULL, PAGE, PROT_READ | PROT_WRITE,
-		    MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE | MAP_LOCKED, -1, 0);
-	if (page == MAP_FAILED) {
-		perror(PROGRAM ": mmap");
-		return NULL;
-	}
-	memset(page, 0, PAGE);
-	fd = open("/proc/self/pagemap", O_RDONLY);
-	if (fd < 0) {
-		perror(PROGRAM ": /proc/self/pagemap");
-		return NULL;
-	}
-	if (pread(fd, &entry, sizeof(entry), (off_t)((uintptr_t)page / PAGE * sizeof(entry))) !=
-	    (ssize_t)sizeof(entry)) {
-		perror(PROGRAM ": read /proc/self/pagemap");
-		close(fd);
-		return NULL;
-	}
-	close(fd);
-	/* Bit 63: present; bits 54:0: the page frame number (0 unless root). */
-	if (!(entry >> 63) || !(entry & ((1ULL << 55) - 1))) {
-		fprintf(stderr, PROGRAM ": no page frame number for the records (not root?)\n");
-		return NULL;
-	}
-	*pa = (entry & ((1ULL << 55) - 1)) * PAGE;
-	return page;
-}
-
-static void movdir64b(volatile void *dst, const void *src)
-{
-	__asm__ volatile("movdir64b (%[src]), %[dst]" : : [dst] "r"(dst), [src] "r"(src) : "memory");
-}
 
 /* Whether the record's status came within TIMEOUT_MS. */
 static int wait_status(volatile struct dsa_completion_record *record)
@@ -233,7 +116,7 @@ int main(int argc, char **argv)
 	}
 	if (!parse_count(argv[1], "ITERATIONS", &iterations))
 		return 2;
-	if (!find_dsa(device) || !(portal = map_portal(device)) ||
+	if (!find_dsa(device) || !(portal = map_resource(device, 2, PORTAL_PAGE, PROT_WRITE)) ||
 	    !(records = physical_page(&records_pa)))
 		return 3;
 	began = now();

@@ -7,8 +7,8 @@ that release's root (``debian_root``): its kernel, the idxd modules and their
 dependencies (decompressed, as busybox's modprobe loads plain ``.ko`` files),
 the root's ``dmatest.ko``, its busybox and accel-config with its libraries,
 and modules.dep made by its own depmod. Added to those: the static programs
-of ``native/guest/`` (``movdir64b-test``, ``memcpy-bench``, ``portal-race``)
-and the two scripts of ``guest_files/``.
+of ``native/guest/`` (``movdir64b-test``, ``memcpy-bench``, ``portal-race``,
+``hostile-guest``) and the two scripts of ``guest_files/``.
 
 The console contract of ``guest_files/init``: every machine-readable line is
 ``@@vdsa@@ `` + one JSON object + ``\\n``, with the events ``boot`` (kernel),
@@ -67,6 +67,7 @@ GUEST_PROGRAMS = {
     "movdir64b-test": "movdir64b_test.c",
     "memcpy-bench": "memcpy_bench.c",
     "portal-race": "portal_race.c",
+    "hostile-guest": "hostile_guest.c",
 }
 
 PACKAGE_DIR = Path(__file__).resolve().parent

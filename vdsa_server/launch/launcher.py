@@ -45,6 +45,8 @@ KERNEL_CMDLINE = "console=ttyS0 loglevel=1 panic=-1"
 PROBE_TIMEOUT = 60.0
 STOP_GRACE = 5.0
 STDERR_TAIL = 40
+# Where a boot's log directory keeps all QEMU printed on stderr.
+QEMU_STDERR = "qemu-stderr.txt"
 # How long a guest that has reported its script's end may take to power off.
 POWER_OFF_GRACE = 10.0
 # What the default script timeout leaves of the boot's for booting and reporting.
@@ -387,7 +389,7 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
         if on_event is not None:
             on_event(event)
 
-    async def read_stderr() -> None:
+    async def read_stderr(sink: Any) -> None:
         assert proc.stderr is not None
         splitter = console.LineSplitter()
         async for chunk in proc.stderr:
@@ -395,6 +397,8 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
                 stderr_tail.append(text)
                 del stderr_tail[:-STDERR_TAIL]
                 log.warning("qemu.stderr", line=text)
+                sink.write(text + "\n")
+                sink.flush()
 
     async def bound_power_off() -> None:
         nonlocal powered_off
@@ -408,10 +412,11 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
         proc.kill()
 
     try:
-        with console_log.open("w") as sink, trio.fail_after(spec.timeout):
+        with (console_log.open("w") as sink, (log_dir / QEMU_STDERR).open("w") as errors,
+              trio.fail_after(spec.timeout)):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read_console, sink)
-                nursery.start_soon(read_stderr)
+                nursery.start_soon(read_stderr, errors)
                 async with trio.open_nursery() as watch:
                     watch.start_soon(bound_power_off)
                     await proc.wait()
