@@ -22,7 +22,7 @@ pytestmark = pytest.mark.boot
 # F: sanity checks, Z: red zones, P: poisoning, U: owner tracking.
 SLUB_DEBUG = "slub_debug=FZPU"
 # The steps take a few seconds under TCG.
-STUCK_SCRIPT_SECONDS = 60
+STUCK_SCRIPT_SECONDS = 30
 
 
 def step_boot(tmp_path_factory: pytest.TempPathFactory, release: str, step: str,

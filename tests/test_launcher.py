@@ -159,6 +159,6 @@ def test_kernel_args_follow_the_vdsa_options() -> None:
                               Path("initrd"), (), None, launcher.Iommu.LEGACY,
                               ["slub_debug=FZPU", "vdsa.script_timeout=9"])
     cmdline = argv[argv.index("-append") + 1].split()
-    assert cmdline[:3] == launcher.KERNEL_CMDLINE.split()
+    assert cmdline[:4] == launcher.KERNEL_CMDLINE.split()
     assert cmdline[-2:] == ["slub_debug=FZPU", "vdsa.script_timeout=9"]
     assert cmdline.index("intel_iommu=on") < cmdline.index("slub_debug=FZPU")
