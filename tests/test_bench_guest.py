@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vdsa_server.bench.guest import GuestBenchError, GuestBenchPlan, measure
-from vdsa_server.launch.launcher import GuestRun, QemuCapabilities
+from vdsa_server.bench.guest import GuestBenchError, GuestBenchPlan, iommu_cost, measure
+from vdsa_server.launch.launcher import GuestRun, Iommu, QemuCapabilities
 
 PLAN = GuestBenchPlan(threads=2, iterations=100, size=4096, copies=1000)
 CONSOLE_LOG = Path("/logs/console.log")
@@ -108,3 +108,17 @@ def test_a_plan_needs_positive_counts(field: str) -> None:
 
 def test_the_plan_is_bench_sh_with_arguments() -> None:
     assert PLAN.script == b"sh /vdsa/bench.sh 2 100 4096 1000\n"
+
+
+@pytest.mark.parametrize("mode", list(Iommu))
+def test_the_viommu_cost_is_dmatest_behind_it_against_without(mode: Iommu) -> None:
+    without = measure(guest_run(results()), PLAN)
+    behind = measure(guest_run(results({"bench.dmatest.kbps": "2000",
+                                        "bench.dmatest.iops": "500.00"})), PLAN, mode)
+    assert behind.case == f"dmatest memcpy 4 KiB, no verify, 2 threads, behind the vIOMMU " \
+                          f"({mode.value})"
+    cost = iommu_cost(without, behind, mode)
+    assert (cost.group, cost.case) == ("guest vIOMMU", f"dmatest behind the vIOMMU ({mode.value})")
+    assert cost.reference == "the same dmatest without a vIOMMU"
+    assert cost.ratio == 0.25
+    assert cost.extra == {"iops": 500.0, "reference_iops": 2000.0}

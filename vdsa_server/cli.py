@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=_positive, default=1.0,
                        help="measuring time of each case and of each reference (default 1)")
     bench.add_argument("--guest", action="store_true",
-                       help="also boot a guest: dmatest (no verify) on the idxd channel next to "
-                       "the guest's CPU memcpy")
+                       help="also boot guests: dmatest (no verify) on the idxd channel next to "
+                       "the guest's CPU memcpy, then behind each vIOMMU mode")
     bench.add_argument("--log-dir", type=Path, help="where the server's and the guest's logs go")
     _add_kernel(bench)
 
@@ -358,11 +358,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     """Every harness benchmark, and with --guest the guest's, as a table, JSON and a chart."""
-    from vdsa_server.bench.guest import run_guest_bench
+    from vdsa_server.bench.guest import iommu_cost, run_guest_bench
     from vdsa_server.bench.harness import BenchPlan, notes, run_harness
     from vdsa_server.bench.report import machine, report, table, versions, write_json, write_plot
     from vdsa_server.builds.libvfio_user_build import libvfio_user_artifact
     from vdsa_server.engine.native import load_engine
+    from vdsa_server.launch.launcher import Iommu
 
     log_dir = _log_dir(args.log_dir, "vdsa-bench-")
     host = machine()
@@ -370,8 +371,14 @@ def _bench(args: argparse.Namespace) -> int:
                       "libvfio-user": str(libvfio_user_artifact().path)}
     measurements = trio.run(run_harness, log_dir, BenchPlan(args.seconds))
     if args.guest:
-        guest = trio.run(partial(run_guest_bench, log_dir / "guest", guest=_guest(args)))
+        image = _guest(args)
+        guest = trio.run(partial(run_guest_bench, log_dir / "guest", guest=image))
         measurements += guest.measurements
+        for mode in Iommu:
+            behind = trio.run(partial(run_guest_bench, log_dir / f"guest-iommu-{mode.value}",
+                                      guest=image, iommu=mode))
+            measurements += [*behind.measurements,
+                             iommu_cost(guest.measurements[0], behind.measurements[0], mode)]
         extra_versions |= {"qemu": guest.run.qemu.version,
                            "guest_kernel": guest.run.kernel or "unknown"}
     found_versions = versions(extra_versions)

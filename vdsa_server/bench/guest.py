@@ -19,7 +19,7 @@ from vdsa_server.bench.results import Measurement
 from vdsa_server.builds.guest_image import GuestImage
 from vdsa_server.device.config import DeviceConfig
 from vdsa_server.launch import console
-from vdsa_server.launch.launcher import BootSpec, GuestRun, boot_with_server
+from vdsa_server.launch.launcher import BootSpec, GuestRun, Iommu, boot_with_server
 from vdsa_server.log import get_logger
 from vdsa_server.paths import QEMU_CONFIGS
 
@@ -76,14 +76,15 @@ class GuestBenchPlan:
 async def run_guest_bench(
     log_dir: Path, plan: GuestBenchPlan | None = None, *, config: DeviceConfig | None = None,
     boot_timeout: float = BOOT_TIMEOUT, on_event: Callable[[console.Event], None] | None = None,
-    guest: GuestImage | None = None,
+    guest: GuestImage | None = None, iommu: Iommu | None = None,
 ) -> GuestBench:
     """Boot the guest with vdsa's own server (``config``, default the default device) and run
     ``plan`` (default :class:`GuestBenchPlan`'s): dmatest's unverified copies on the idxd channel,
     then the CPU's memcpys.  The boot's logs (console.log, dmesg.txt, qemu-argv.json) and the
     server's socket go to ``log_dir``; ``on_event`` sees the console's events as they come;
     the boot may take ``boot_timeout`` seconds; ``guest`` is the image booted (default: the
-    default release's).  ``log_dir`` is created if needed.
+    default release's); ``iommu`` puts a vIOMMU in front of the device.  ``log_dir`` is
+    created if needed.
 
     Raises GuestBenchError if the guest script fails, dmatest reports failures or a figure is
     missing, and what :func:`~vdsa_server.launch.launcher.boot` raises if the boot does.
@@ -93,18 +94,18 @@ async def run_guest_bench(
     await trio.Path(log_dir).mkdir(parents=True, exist_ok=True)
     files = {name: (SCRIPTS / name).read_bytes() for name in ("bench.sh", "dmatest.sh")}
     spec = BootSpec(script=plan.script, files=files, socket=log_dir / "vdsa.sock",
-                    log_dir=log_dir, timeout=boot_timeout, guest=guest)
+                    log_dir=log_dir, timeout=boot_timeout, guest=guest, iommu=iommu)
     log.info("bench.guest.start", threads=plan.threads, iterations=plan.iterations,
              size=plan.size, copies=plan.copies, log_dir=str(log_dir))
     run = await boot_with_server(spec, config or DeviceConfig(), on_event)
-    measurement = measure(run, plan)
+    measurement = measure(run, plan, iommu)
     log.info("bench.guest.done", dmatest_mb_s=round(measurement.value, 1),
              memcpy_mb_s=round(measurement.reference_value, 1), boot_seconds=run.seconds,
              console_log=str(run.console_log))
     return GuestBench([measurement], run)
 
 
-def measure(run: GuestRun, plan: GuestBenchPlan) -> Measurement:
+def measure(run: GuestRun, plan: GuestBenchPlan, iommu: Iommu | None = None) -> Measurement:
     """The measurement of a finished bench boot, after checking that it did what ``plan``
     asked without a failure."""
     where = f"(console log: {run.console_log})"
@@ -138,15 +139,26 @@ def measure(run: GuestRun, plan: GuestBenchPlan) -> Measurement:
     if wrong:
         raise GuestBenchError(f"the guest bench did not run as asked: {'; '.join(wrong)} {where}")
     size_label = f"{plan.size // KB} KiB" if plan.size % KB == 0 else f"{plan.size} B"
+    behind = f", behind the vIOMMU ({iommu.value})" if iommu else ""
     return Measurement(
         group="guest",
-        case=f"dmatest memcpy {size_label}, no verify, {plan.threads} threads",
+        case=f"dmatest memcpy {size_label}, no verify, {plan.threads} threads{behind}",
         unit="MB/s", value=dmatest["kbps"] * KB / MB,
         reference="guest CPU memcpy, 1 thread", reference_value=memcpy["kbps"] * KB / MB,
         extra={"iops": dmatest["iops"], "tests": dmatest["tests"],
                "failures": dmatest["failures"], "reference_iops": memcpy["iops"],
                "reference_copies": memcpy["copies"], "reference_seconds": memcpy["seconds"]},
     )
+
+
+def iommu_cost(without: Measurement, behind: Measurement, iommu: Iommu) -> Measurement:
+    """dmatest behind a vIOMMU against the same dmatest without one, measured in the same
+    run: the share of the throughput that the vIOMMU's maps and unmaps leave."""
+    return Measurement(
+        group="guest vIOMMU", case=f"dmatest behind the vIOMMU ({iommu.value})", unit="MB/s",
+        value=behind.value, reference="the same dmatest without a vIOMMU",
+        reference_value=without.value,
+        extra={"iops": behind.extra["iops"], "reference_iops": without.extra["iops"]})
 
 
 def _figures(run: GuestRun, prefix: str, names: Iterable[str], where: str) -> dict[str, float]:
