@@ -510,11 +510,20 @@ bool engine_poll_run(struct vdsa_engine *engine)
 		engine->lent_engine = -1;
 	if (engine->lent_engine < 0 && (busy & engine->idle_engines))
 		engine->lent_engine = __builtin_ctzll(busy & engine->idle_engines);
-	wake_engines(engine, busy, queued - (engine->lent_engine >= 0));
-	if (engine->lent_engine >= 0 && pick(engine, (uint32_t)engine->lent_engine, &w)) {
-		run_next(engine, w);
-		ran = true;
+	if (engine->lent_engine >= 0) {
+		struct wq *wq = pick(engine, (uint32_t)engine->lent_engine, &w);
+
+		ran = wq != NULL;
+		/* Those go to the worker: the poller must keep sweeping (vdsa's QEMU waits
+		 * 20 ms at most for a slot), and a drain waits for other engines. */
+		if (ran && descriptor_may_block(wq->ring[wq->head])) {
+			engine->lent_engine = -1;
+			ran = false;
+		}
 	}
+	wake_engines(engine, busy, queued - ran);
+	if (ran)
+		run_next(engine, w);
 	pthread_mutex_unlock(&engine->lock);
 	return ran;
 }

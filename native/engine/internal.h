@@ -76,6 +76,8 @@ struct exec_context {
 /* Validates and executes one descriptor taken from a WQ, then completes it (record,
  * interrupt, software error). Holds the DMA read lock itself. True if it failed. */
 bool execute_descriptor(struct exec_context *ctx, const uint8_t *descriptor);
+/* A batch (unbounded work) or a drain (waits for other engines). */
+bool descriptor_may_block(const uint8_t *descriptor);
 
 /* --- engine.c services used by ops.c -------------------------------------- */
 

@@ -925,6 +925,11 @@ static uint32_t process(struct exec_context *ctx, const struct dma_table *dma,
 	return out.status;
 }
 
+bool descriptor_may_block(const uint8_t *descriptor)
+{
+	return descriptor[7] == OP_BATCH || descriptor[7] == OP_DRAIN;
+}
+
 bool execute_descriptor(struct exec_context *ctx, const uint8_t *descriptor)
 {
 	struct dma_table *dma = engine_dma(ctx->engine);
