@@ -275,10 +275,12 @@ static void *run_writer(void *arg)
 		written = write_one(plan, slot, plan->descriptors + (size_t)i * VDSA_SUBMIT_DESC_SIZE);
 		if (w->exclusive)
 			pthread_mutex_unlock(w->exclusive);
-		if (written)
-			w->result.written++;
-		else
+		if (!written) {
+			/* A poller that stopped taking slots would make every later wait as long. */
 			w->result.timeouts++;
+			break;
+		}
+		w->result.written++;
 	}
 	return NULL;
 }

@@ -65,7 +65,7 @@ struct vdsa_writer_plan {
 
 struct vdsa_writer_result {
 	uint64_t written;
-	uint64_t timeouts; /* slots still busy after wait_ns: that descriptor was not written */
+	uint64_t timeouts; /* 1 if a slot stayed busy for wait_ns: the writer stopped there */
 };
 
 struct vdsa_writers;

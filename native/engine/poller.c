@@ -47,7 +47,7 @@ struct poller {
 	pthread_mutex_t lock;
 	pthread_cond_t kick; /* a WQ was enabled, or stop */
 	bool kicked;
-	bool stop;
+	atomic_bool stop; /* read on every sweep: a busy poller may never sleep */
 	atomic_uint_fast64_t sleeps; /* times the poller slept, for the idle-cost figures */
 };
 
@@ -113,7 +113,7 @@ static void *poll_portals(void *arg)
 	uint32_t empty = 0, sweeps = 0;
 	long sleep_ns = FIRST_SLEEP_NS;
 
-	for (;;) {
+	while (!atomic_load_explicit(&poller->stop, memory_order_relaxed)) {
 		bool full = ++sweeps % FULL_SWEEP_PERIOD == 0 || empty + 1 >= SPIN_SWEEPS;
 		uint32_t taken = sweep(poller, full);
 
@@ -149,12 +149,9 @@ static void *poll_portals(void *arg)
 		} else if (sleep_ns < LONGEST_SLEEP_NS) {
 			sleep_ns *= 2;
 		}
-		if (poller->stop) {
-			pthread_mutex_unlock(&poller->lock);
-			return NULL;
-		}
 		pthread_mutex_unlock(&poller->lock);
 	}
+	return NULL;
 }
 
 struct poller *poller_create(struct vdsa_engine *engine, uint32_t size, int *error)
