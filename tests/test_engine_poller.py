@@ -138,33 +138,32 @@ def no_timeouts(results: Sequence[WriterResult], plans: Sequence[WriterPlan]) ->
     assert results == [WriterResult(len(plan.offsets), 0) for plan in plans]
 
 
+def assert_each_ran_once(p: Poller, plans: Sequence[WriterPlan], count: int) -> None:
+    """The writers' copies 0 .. count - 1, on WQ 0, all written, taken, run right, once."""
+    no_timeouts(p.run(plans), plans)
+    drain(p)
+    assert_copied(p.rig, range(count))
+    c = p.engine.counters(0)
+    assert (c.submitted, c.completed, c.errors, c.dropped_full) == (count, count, 0, 0)
+
+
 # --- Writers that keep the contract ---------------------------------------------------------
 
 
 def test_a_slow_writer_is_never_taken_half_written(poller: Poller) -> None:
     """Qwords 1..7 stored 100 us apart, qword 0 last, again and again into one slot: each
     descriptor runs once, whole, with its own fields."""
-    rig = poller.rig
-    plans = [WriterPlan(copies(rig, 0, 40), [slot(0, 0)] * 40, WriterMode.SLOW,
+    plans = [WriterPlan(copies(poller.rig, 0, 40), [slot(0, 0)] * 40, WriterMode.SLOW,
                         pause_ns=100_000, wait_limit=SLOT_WAIT)]
-    no_timeouts(poller.run(plans), plans)
-    drain(poller)
-    assert_copied(rig, range(40))
-    counters = poller.engine.counters(0)
-    assert (counters.submitted, counters.completed, counters.errors) == (40, 40, 0)
+    assert_each_ran_once(poller, plans, 40)
 
 
 def test_writers_sharing_one_slot_lose_nothing_and_run_nothing_twice(poller: Poller) -> None:
     """Four writers on one address, each MOVDIR64B a step of its own (as QEMU runs it, with
     the other vCPUs stopped): DPDK's pattern from several CPUs."""
-    rig = poller.rig
-    plans = [WriterPlan(copies(rig, 300 * k, 300), [slot(0, 7)] * 300, exclusive=True,
+    plans = [WriterPlan(copies(poller.rig, 300 * k, 300), [slot(0, 7)] * 300, exclusive=True,
                         wait_limit=SLOT_WAIT) for k in range(4)]
-    no_timeouts(poller.run(plans), plans)
-    drain(poller)
-    assert_copied(rig, range(1200))
-    counters = poller.engine.counters(0)
-    assert (counters.submitted, counters.completed, counters.dropped_full) == (1200, 1200, 0)
+    assert_each_ran_once(poller, plans, 1200)
 
 
 def test_writers_rotating_over_the_slots_lose_nothing(poller: Poller) -> None:
@@ -176,11 +175,7 @@ def test_writers_rotating_over_the_slots_lose_nothing(poller: Poller) -> None:
     own = [WriterPlan(copies(rig, 1200 + 300 * k, 300),
                       [slot(0, 32 * k + i % 32, page=0) for i in range(300)],
                       wait_limit=SLOT_WAIT) for k in range(2)]
-    no_timeouts(poller.run(rotating + own), rotating + own)
-    drain(poller)
-    assert_copied(rig, range(1800))
-    counters = poller.engine.counters(0)
-    assert (counters.submitted, counters.completed, counters.errors) == (1800, 1800, 0)
+    assert_each_ran_once(poller, rotating + own, 1800)
 
 
 def test_a_flooded_wq_drops_and_counts_what_does_not_fit(poller: Poller) -> None:

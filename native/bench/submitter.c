@@ -83,6 +83,7 @@ struct stream {
 	uint8_t descriptor[VDSA_SUBMIT_DESC_SIZE];
 	uint64_t submitted;
 	uint64_t completed;
+	uint64_t signals; /* interrupts received and not yet matched to a completion */
 };
 
 static uint8_t *record_of(const struct stream *s, uint64_t index)
@@ -109,8 +110,9 @@ static int submit_one(struct stream *s)
 	return 0;
 }
 
-/* Sleeps until the eventfd is signalled and consumes it; false after wait_ns. */
-static bool wait_interrupt(int fd, uint64_t wait_ns)
+/* Sleeps until the eventfd is signalled and consumes it: the signals it counted (they add
+ * up), 0 after wait_ns. */
+static uint64_t wait_interrupt(int fd, uint64_t wait_ns)
 {
 	struct pollfd p = { .fd = fd, .events = POLLIN };
 	uint64_t counter;
@@ -119,42 +121,62 @@ static bool wait_interrupt(int fd, uint64_t wait_ns)
 	do
 		rc = poll(&p, 1, (int)(wait_ns / 1000000u) + 1);
 	while (rc < 0 && errno == EINTR);
-	if (rc <= 0)
-		return false;
-	/* Non-blocking: a signal consumed earlier may have left nothing to read. */
-	return read(fd, &counter, sizeof(counter)) == sizeof(counter) || errno == EAGAIN;
+	if (rc <= 0 || read(fd, &counter, sizeof(counter)) != sizeof(counter))
+		return 0;
+	return counter;
 }
 
-/* Takes every completed record from the oldest on; waits (bounded) if the oldest is
- * pending. Returns 0, -ETIMEDOUT or -EIO. */
-static int reap(struct stream *s, struct vdsa_submit_result *out)
+/* The status of the oldest pending record once it is set, 0 after wait_ns. With an
+ * interrupt, the record counts only once its interrupt has come, as a driver sleeping on
+ * it sees it (the interrupt follows the record). */
+static uint8_t wait_oldest(struct stream *s)
 {
 	const struct vdsa_submit_plan *plan = s->plan;
+	const uint8_t *record = record_of(s, s->completed);
 	uint64_t give_up = 0;
-	uint32_t spins = 0;
 	uint8_t status;
 
-	while (!(status = __atomic_load_n(record_of(s, s->completed), __ATOMIC_ACQUIRE))) {
-		bool sleeps = plan->irq_fd >= 0;
-
-		if (sleeps || ++spins % SPINS_PER_CHECK == 0) {
+	for (uint32_t spins = 1;; spins++) {
+		if (plan->irq_fd >= 0) {
+			status = s->signals ? __atomic_load_n(record, __ATOMIC_ACQUIRE) : 0;
+			if (status)
+				break;
+			if (!give_up)
+				give_up = now_ns() + plan->wait_ns;
+			else if (now_ns() > give_up)
+				return 0;
+			s->signals += wait_interrupt(plan->irq_fd, plan->wait_ns);
+			continue;
+		}
+		status = __atomic_load_n(record, __ATOMIC_ACQUIRE);
+		if (status)
+			break;
+		if (spins % SPINS_PER_CHECK == 0) {
 			uint64_t now = now_ns();
 
 			if (!give_up)
 				give_up = now + plan->wait_ns;
 			else if (now > give_up)
-				return -ETIMEDOUT;
-		}
-		if (sleeps) {
-			if (!wait_interrupt(plan->irq_fd, plan->wait_ns))
-				return -ETIMEDOUT;
-		} else if (spins % SPINS_PER_CHECK == 0) {
+				return 0;
 			sched_yield();
-		} else {
-			cpu_relax();
 		}
+		cpu_relax();
 	}
-	do {
+	if (plan->irq_fd >= 0)
+		s->signals--;
+	return status;
+}
+
+/* Takes the oldest record once complete, and every completed one after it. Returns 0,
+ * -ETIMEDOUT or -EIO. */
+static int reap(struct stream *s, struct vdsa_submit_result *out)
+{
+	const struct vdsa_submit_plan *plan = s->plan;
+	uint8_t status = wait_oldest(s);
+
+	if (!status)
+		return -ETIMEDOUT;
+	for (;;) {
 		uint64_t seen = plan->latency_ns ? now_ns() : 0;
 
 		if (status != plan->expected_status) {
@@ -165,9 +187,19 @@ static int reap(struct stream *s, struct vdsa_submit_result *out)
 			plan->latency_ns[out->samples++] =
 				seen - s->submitted_at[s->completed % plan->window];
 		s->completed++;
-	} while (s->completed < s->submitted &&
-		 (status = __atomic_load_n(record_of(s, s->completed), __ATOMIC_ACQUIRE)));
-	return 0;
+		if (s->completed == s->submitted)
+			return 0;
+		if (plan->irq_fd >= 0) {
+			if (!s->signals)
+				return 0;
+			s->signals--;
+		}
+		status = __atomic_load_n(record_of(s, s->completed), __ATOMIC_ACQUIRE);
+		if (!status) {
+			s->signals += plan->irq_fd >= 0;
+			return 0;
+		}
+	}
 }
 
 int vdsa_submit_stream(const struct vdsa_submit_plan *plan, struct vdsa_submit_result *out)

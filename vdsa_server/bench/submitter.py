@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vdsa_server.transport.libvfio_user import declare_signatures
+from vdsa_server.bench.hostref import load_bench_library
 
 DESCRIPTOR_SIZE = 64
 RECORD_SIZE = 32
@@ -109,22 +109,11 @@ class WriterResult:
     timeouts: int
 
 
-def default_path() -> Path:
-    from vdsa_server.builds.engine_build import HOSTREF_FILENAME, engine_artifact
-
-    return engine_artifact().path / HOSTREF_FILENAME
-
-
 class NativeSubmitter:
     """The loaded library (the bench's native library, or a build of submitter.c alone)."""
 
     def __init__(self, path: Path | None = None) -> None:
-        self.path = path or default_path()
-        if not self.path.is_file():
-            raise FileNotFoundError(errno.ENOENT, f"native submitter not found at "
-                                    f"{self.path}: run `vdsa build engine`")
-        self._c = ctypes.CDLL(str(self.path), use_errno=True)
-        declare_signatures(self._c, _SIGNATURES)  # type: ignore[arg-type]
+        self.path, self._c = load_bench_library(path, _SIGNATURES)
 
     def stream(self, plan: StreamPlan) -> StreamOutcome:
         """Runs the stream in this thread (it blocks for ``plan.seconds``)."""
