@@ -112,13 +112,17 @@ static void *poll_portals(void *arg)
 	struct poller *poller = arg;
 	uint32_t empty = 0, sweeps = 0;
 	long sleep_ns = FIRST_SLEEP_NS;
+	bool ran = false;
 
 	while (!atomic_load_explicit(&poller->stop, memory_order_relaxed)) {
 		bool full = ++sweeps % FULL_SWEEP_PERIOD == 0 || empty + 1 >= SPIN_SWEEPS;
 		uint32_t taken = sweep(poller, full);
 
-		/* Runs what it took itself when an engine would otherwise need waking. */
-		if (engine_poll_run(poller->engine) || taken) {
+		/* Runs what it took itself when an engine would otherwise need waking. With
+		 * nothing taken and no engine held (ran is false: it gave the engine back),
+		 * there is nothing to run: the lock is left to the others. */
+		ran = (taken || ran) && engine_poll_run(poller->engine);
+		if (ran || taken) {
 			empty = 0;
 			sleep_ns = FIRST_SLEEP_NS;
 			continue;
