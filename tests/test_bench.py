@@ -162,6 +162,9 @@ HARNESS_CASES = {
     "scaling": [f"memmove {s} on {n}" for s in ("64 KiB", "1 MiB")
                 for n in ("1 WQ", "2 WQs", "4 WQs")],
     "memmove (mapped)": [f"memmove {s} (mapped)" for s in ("64 B", "4 KiB", "64 KiB", "1 MiB")],
+    "operations (mapped)": [f"{op} {s} (mapped)" for s in ("4 KiB", "1 MiB")
+                            for op in ("fill", "compare", "CRC32C", "copy with CRC32C",
+                                       "DIF insert", "DIF check")],
     "latency (mapped)": [f"latency 64 B memmove, {mode}, {p} (mapped)"
                          for mode in ("interrupt", "polling") for p in ("p50", "p99")],
 }

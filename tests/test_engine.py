@@ -124,6 +124,7 @@ def test_disabled_and_missing_wqs_drop(rig: Rig) -> None:
     time.sleep(0.05)
     assert rig.status(0) == 0
     assert rig.engine.counters(1).dropped_disabled == 1
+    assert rig.engine.stray_descriptors() == 1
 
 
 def test_a_full_wq_drops_what_does_not_fit() -> None:

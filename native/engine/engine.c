@@ -45,6 +45,15 @@ struct vdsa_engine {
 	bool started[VDSA_MAX_ENGINES];
 	uint32_t next_wq[VDSA_MAX_ENGINES]; /* round-robin start among equal priorities */
 	bool stopping;
+	/* Engines whose worker waits for work and has not been signalled: none of their WQs
+	 * has a queued descriptor. */
+	uint64_t idle_engines;
+	/* The engine the poller runs descriptors for in its own thread (-1: none); its worker
+	 * sleeps meanwhile. Lending an idle engine to the thread that took the descriptor
+	 * saves the wake-up and the two context switches a hand-off costs. */
+	int lent_engine;
+	atomic_uint_fast64_t enabled_wqs; /* bit n: WQ n enabled, for the poller's sweep */
+	atomic_uint_fast64_t stray; /* descriptors sent to portals of no WQ */
 
 	/* MSI-X. While libvfio-user runs (vfu_busy) it may replace eventfds, so interrupts
 	 * raised then are deferred and delivered when it returns. */
@@ -77,6 +86,7 @@ struct vdsa_engine *vdsa_engine_create(const struct vdsa_engine_config *config)
 	if (!engine)
 		return NULL;
 	engine->config = *config;
+	engine->lent_engine = -1;
 	engine->error_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (engine->error_fd < 0 || dma_init(&engine->dma) != 0) {
 		if (engine->error_fd >= 0)
@@ -234,10 +244,14 @@ static void *worker(void *arg)
 	pthread_mutex_lock(&engine->lock);
 	while (!engine->stopping) {
 		uint32_t w = 0;
-		struct wq *wq = pick(engine, start.index, &w);
+		struct wq *wq = engine->lent_engine == (int)start.index
+					? NULL
+					: pick(engine, start.index, &w);
 
 		if (!wq) {
+			engine->idle_engines |= 1ull << start.index;
 			pthread_cond_wait(&engine->work[start.index], &engine->lock);
+			engine->idle_engines &= ~(1ull << start.index);
 			continue;
 		}
 		run_next(engine, w);
@@ -295,6 +309,8 @@ int vdsa_engine_wq_enable(struct vdsa_engine *engine, uint32_t w,
 	memset(wq->partial, 0, sizeof(wq->partial));
 	rc = start_workers(engine, config->engines);
 	wq->enabled = rc == 0;
+	if (wq->enabled)
+		atomic_fetch_or(&engine->enabled_wqs, 1ull << w);
 out:
 	pthread_mutex_unlock(&engine->lock);
 	if (rc == 0 && engine->poller)
@@ -324,6 +340,7 @@ int vdsa_engine_wq_disable(struct vdsa_engine *engine, uint32_t w)
 		return -EINVAL;
 	pthread_mutex_lock(&engine->lock);
 	engine->wqs[w].enabled = false;
+	atomic_fetch_and(&engine->enabled_wqs, ~(1ull << w));
 	/* Workers skip disabled WQs: finish the queue here, in order. */
 	while (engine->wqs[w].count)
 		run_next(engine, w);
@@ -357,6 +374,7 @@ int vdsa_engine_wq_abort(struct vdsa_engine *engine, uint32_t w)
 void vdsa_engine_reset(struct vdsa_engine *engine)
 {
 	pthread_mutex_lock(&engine->lock);
+	atomic_store(&engine->enabled_wqs, 0);
 	for (uint32_t w = 0; w < engine->config.num_wqs; w++) {
 		engine->wqs[w].enabled = false;
 		drop_queued(engine, &engine->wqs[w]);
@@ -408,8 +426,26 @@ int vdsa_engine_execute(struct vdsa_engine *engine, uint32_t w, const void *desc
 
 /* --- Portals ---------------------------------------------------------------------------- */
 
-/* Caller holds the lock. */
-static void enqueue(struct vdsa_engine *engine, struct wq *wq, const uint8_t *descriptor)
+/* Signals up to `limit` idle workers among `engines`: one a queued descriptor (a busy
+ * worker looks for work before it sleeps; the lent engine is the poller's to run). Caller
+ * holds the lock. */
+static void wake_engines(struct vdsa_engine *engine, uint64_t engines, uint64_t limit)
+{
+	engines &= engine->idle_engines;
+	if (engine->lent_engine >= 0)
+		engines &= ~(1ull << engine->lent_engine);
+	for (; engines && limit; engines &= engines - 1, limit--) {
+		uint32_t e = (uint32_t)__builtin_ctzll(engines);
+
+		engine->idle_engines &= ~(1ull << e);
+		pthread_cond_signal(&engine->work[e]);
+	}
+}
+
+/* Queues a whole descriptor on wq, or drops and counts it; `wake`: signal the group's idle
+ * workers now (the poller decides after its sweep instead). Caller holds the lock. */
+static void enqueue(struct vdsa_engine *engine, struct wq *wq, const uint8_t *descriptor,
+		    bool wake)
 {
 	if (!wq->enabled) {
 		wq->counters.dropped_disabled++;
@@ -422,32 +458,79 @@ static void enqueue(struct vdsa_engine *engine, struct wq *wq, const uint8_t *de
 	memcpy(wq->ring[(wq->head + wq->count) % wq->config.size], descriptor, DESC_SIZE);
 	wq->count++;
 	wq->counters.submitted++;
-	/* Each worker waits on its own condition: wake only the engines of the WQ's group
-	 * (waking every worker for every descriptor cost more CPU than the copies). */
-	for (uint64_t engines = wq->config.engines; engines; engines &= engines - 1)
-		pthread_cond_signal(&engine->work[__builtin_ctzll(engines)]);
+	if (wake)
+		wake_engines(engine, wq->config.engines, 1);
 }
 
-bool engine_any_wq_enabled(struct vdsa_engine *engine)
+uint64_t engine_enabled_wqs(struct vdsa_engine *engine)
 {
-	bool any = false;
-
-	pthread_mutex_lock(&engine->lock);
-	for (uint32_t w = 0; w < engine->config.num_wqs && !any; w++)
-		any = engine->wqs[w].enabled;
-	pthread_mutex_unlock(&engine->lock);
-	return any;
+	return atomic_load_explicit(&engine->enabled_wqs, memory_order_acquire);
 }
 
-void engine_submit(struct vdsa_engine *engine, uint32_t offset, const uint8_t *descriptor)
+void engine_submit(struct vdsa_engine *engine, const struct taken *taken, uint32_t count)
 {
-	uint32_t w = offset / (PORTAL_PAGE * PORTALS_PER_WQ);
-
-	if (w >= engine->config.num_wqs)
-		return;
 	pthread_mutex_lock(&engine->lock);
-	enqueue(engine, &engine->wqs[w], descriptor);
+	for (uint32_t i = 0; i < count; i++) {
+		uint32_t w = taken[i].offset / (PORTAL_PAGE * PORTALS_PER_WQ);
+
+		if (w < engine->config.num_wqs)
+			enqueue(engine, &engine->wqs[w], taken[i].descriptor, false);
+		else
+			atomic_fetch_add(&engine->stray, 1);
+	}
 	pthread_mutex_unlock(&engine->lock);
+}
+
+/* Engines that some enabled WQ with queued descriptors can use, and how many descriptors
+ * those WQs hold. Caller holds the lock. */
+static uint64_t engines_with_work(const struct vdsa_engine *engine, uint64_t *queued)
+{
+	uint64_t engines = 0;
+
+	*queued = 0;
+	for (uint32_t w = 0; w < engine->config.num_wqs; w++) {
+		if (engine->wqs[w].enabled && engine->wqs[w].count) {
+			engines |= engine->wqs[w].config.engines;
+			*queued += engine->wqs[w].count;
+		}
+	}
+	return engines;
+}
+
+bool engine_poll_run(struct vdsa_engine *engine)
+{
+	uint64_t busy, queued;
+	uint32_t w = 0;
+	bool ran = false;
+
+	pthread_mutex_lock(&engine->lock);
+	busy = engines_with_work(engine, &queued);
+	/* Keep the lent engine while it has work; else give it back to its worker. */
+	if (engine->lent_engine >= 0 && !((busy >> engine->lent_engine) & 1))
+		engine->lent_engine = -1;
+	if (engine->lent_engine < 0 && (busy & engine->idle_engines))
+		engine->lent_engine = __builtin_ctzll(busy & engine->idle_engines);
+	if (engine->lent_engine >= 0) {
+		struct wq *wq = pick(engine, (uint32_t)engine->lent_engine, &w);
+
+		ran = wq != NULL;
+		/* Those go to the worker: the poller must keep sweeping (vdsa's QEMU waits
+		 * 20 ms at most for a slot), and a drain waits for other engines. */
+		if (ran && descriptor_may_block(wq->ring[wq->head])) {
+			engine->lent_engine = -1;
+			ran = false;
+		}
+	}
+	wake_engines(engine, busy, queued - ran);
+	if (ran)
+		run_next(engine, w);
+	pthread_mutex_unlock(&engine->lock);
+	return ran;
+}
+
+uint64_t vdsa_engine_stray_descriptors(struct vdsa_engine *engine)
+{
+	return atomic_load(&engine->stray);
 }
 
 int vdsa_engine_portal_write(struct vdsa_engine *engine, uint64_t offset, const void *data,
@@ -460,8 +543,14 @@ int vdsa_engine_portal_write(struct vdsa_engine *engine, uint64_t offset, const 
 	struct partial *p;
 	struct wq *wq;
 
-	if (w >= engine->config.num_wqs || size == 0)
+	if (size == 0)
 		return -EINVAL;
+	if (w >= engine->config.num_wqs) {
+		/* Counted once a descriptor, at its first store. */
+		if (at == 0)
+			atomic_fetch_add(&engine->stray, 1);
+		return -EINVAL;
+	}
 	wq = &engine->wqs[w];
 	p = &wq->partial[page][slot];
 	pthread_mutex_lock(&engine->lock);
@@ -478,7 +567,7 @@ int vdsa_engine_portal_write(struct vdsa_engine *engine, uint64_t offset, const 
 		p->filled = (uint8_t)(at + size);
 		if (p->filled == DESC_SIZE) {
 			p->filled = 0;
-			enqueue(engine, wq, p->data);
+			enqueue(engine, wq, p->data, true);
 		}
 	}
 	pthread_mutex_unlock(&engine->lock);

@@ -76,6 +76,8 @@ struct exec_context {
 /* Validates and executes one descriptor taken from a WQ, then completes it (record,
  * interrupt, software error). Holds the DMA read lock itself. True if it failed. */
 bool execute_descriptor(struct exec_context *ctx, const uint8_t *descriptor);
+/* A batch (unbounded work) or a drain (waits for other engines). */
+bool descriptor_may_block(const uint8_t *descriptor);
 
 /* --- engine.c services used by ops.c -------------------------------------- */
 
@@ -85,9 +87,20 @@ bool engine_int_handle_valid(struct vdsa_engine *engine, uint16_t handle);
 void engine_report_error(struct vdsa_engine *engine, const struct vdsa_swerr *error);
 /* A drain descriptor: wait until only the caller is in progress on wq. */
 void engine_drain_wait(struct vdsa_engine *engine, uint32_t wq);
-bool engine_any_wq_enabled(struct vdsa_engine *engine);
-/* A whole descriptor arrived at BAR2 offset: queue it on that offset's WQ, or drop it. */
-void engine_submit(struct vdsa_engine *engine, uint32_t offset, const uint8_t *descriptor);
+/* Bit n set: WQ n is enabled (read without the lock; the sweep only needs a hint). */
+uint64_t engine_enabled_wqs(struct vdsa_engine *engine);
+
+/* A whole descriptor the poller took from the slot at BAR2 offset. */
+struct taken {
+	uint32_t offset;
+	uint8_t descriptor[DESC_SIZE];
+};
+/* Queues each on its offset's WQ, or drops and counts it, under one lock; wakes no worker
+ * (engine_poll_run does). */
+void engine_submit(struct vdsa_engine *engine, const struct taken *taken, uint32_t count);
+/* Wakes the idle workers that have work, and runs one descriptor in the calling thread (the
+ * poller) for an engine that would otherwise need waking. True if it ran one. */
+bool engine_poll_run(struct vdsa_engine *engine);
 
 /* --- poller.c: mapped portals --------------------------------------------- */
 

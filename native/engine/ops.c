@@ -191,11 +191,14 @@ static void make_tile(uint8_t *tile, uint64_t pattern)
 
 static uint32_t op_memfill(struct job *job)
 {
-	uint64_t dst = le64(job->d + 24), n = job->size, done = 0;
+	uint64_t dst = le64(job->d + 24), n = job->size, done = 0, pattern = le64(job->d + 16);
+	/* One byte repeated (zeroing, the common case): memset stores without reading. */
+	bool one_byte = pattern == (pattern & 0xFF) * 0x0101010101010101ull;
 	uint8_t tile[TILE + 8];
 	uint8_t *hd;
 
-	make_tile(tile, le64(job->d + 16));
+	if (!one_byte)
+		make_tile(tile, pattern);
 	if (wraps(dst, n))
 		return fault(job, dst, 0, true);
 	while (done < n) {
@@ -203,7 +206,9 @@ static uint32_t op_memfill(struct job *job)
 
 		if (ds == 0)
 			return fault(job, dst + done, done, true);
-		for (uint64_t at = 0; at < ds;) {
+		if (one_byte)
+			memset(hd, (int)(pattern & 0xFF), ds);
+		for (uint64_t at = 0; !one_byte && at < ds;) {
 			uint64_t piece = ds - at < TILE ? ds - at : TILE;
 
 			memcpy(hd + at, tile + ((done + at) & 7), piece);
@@ -514,59 +519,107 @@ static void dif_write(uint8_t *dif, const uint8_t *data, uint32_t size, uint8_t 
 		put_be32(dif + 4, block_ref(t, index));
 }
 
+struct dif_op {
+	uint8_t opcode, src_flags, dst_flags, dif_flags;
+	uint32_t bs, src_step, dst_step;
+	bool checks, writes;
+	struct dif_tags in, out;
+};
+
+/* Block `index` from `in` to `out` (the same buffer: in place; NULL: nothing written).
+ * Returns the DIF error bits of the check, 0 if it passed or there was none. */
+static uint8_t dif_block(const struct dif_op *op, const uint8_t *in, uint8_t *out,
+			 uint32_t index)
+{
+	if (op->checks) {
+		uint8_t errors = dif_verify(in, op->bs, op->src_flags, op->dif_flags, &op->in,
+					    index);
+
+		if (errors)
+			return errors;
+	}
+	if (!out)
+		return 0;
+	if (out != in)
+		memcpy(out, in, op->opcode == OP_DIF_UPDT ? op->bs + DIF_SIZE : op->bs);
+	if (op->opcode == OP_DIF_INS || op->opcode == OP_DIF_UPDT)
+		dif_write(out + op->bs, in, op->bs, op->dif_flags, &op->out, index,
+			  op->opcode == OP_DIF_INS ? 0 : op->dst_flags);
+	return 0;
+}
+
+/* Block `index` through a copy, checked byte by byte: for a block that straddles two
+ * regions or faults. */
+static uint32_t dif_block_copied(struct job *job, const struct dif_op *op, uint64_t s,
+				 uint64_t t, uint32_t index, uint8_t *errors)
+{
+	uint8_t block[DIF_MAX_BLOCK + DIF_SIZE];
+	uint64_t got = dma_accessible(job->dma, s, op->src_step, PROT_READABLE);
+
+	if (wraps(s, op->src_step) || got < op->src_step)
+		return fault(job, s + got, (uint64_t)index * op->src_step, false);
+	if (op->writes) {
+		got = dma_accessible(job->dma, t, op->dst_step, PROT_WRITABLE);
+		if (wraps(t, op->dst_step) || got < op->dst_step)
+			return fault(job, t + got, (uint64_t)index * op->src_step, true);
+	}
+	dma_read(job->dma, s, block, op->src_step);
+	*errors = dif_block(op, block, op->writes ? block : NULL, index);
+	if (!*errors && op->writes)
+		dma_write(job->dma, t, block, op->dst_step);
+	return ST_SUCCESS;
+}
+
 static uint32_t op_dif(struct job *job, uint8_t opcode)
 {
 	const uint8_t *d = job->d;
 	uint64_t src = le64(d + 16), dst = le64(d + 24);
-	uint8_t src_flags = d[40], dst_flags = d[41], dif_flags = d[42];
-	uint32_t bs = dif_block_sizes[dif_flags & 3];
-	bool checks = opcode != OP_DIF_INS, writes = opcode != OP_DIF_CHECK;
-	uint32_t src_step = checks ? bs + DIF_SIZE : bs;
-	uint32_t dst_step = opcode == OP_DIF_STRP ? bs : bs + DIF_SIZE;
-	uint32_t blocks = job->size / src_step, b;
-	struct dif_tags in = tags_at(d, 48, src_flags & SRC_FIXED_REF, src_flags & SRC_INC_APP);
-	struct dif_tags out = tags_at(d, 56, dst_flags & DST_FIXED_REF, dst_flags & DST_INC_APP);
-	uint8_t block[DIF_MAX_BLOCK + DIF_SIZE];
+	struct dif_op op = { .opcode = opcode, .src_flags = d[40], .dst_flags = d[41],
+			     .dif_flags = d[42], .checks = opcode != OP_DIF_INS,
+			     .writes = opcode != OP_DIF_CHECK };
+	uint32_t blocks, b = 0;
 	uint32_t status = ST_SUCCESS;
+	uint8_t errors = 0;
 
-	for (b = 0; b < blocks; b++) {
-		uint64_t s = src + (uint64_t)b * src_step, t = dst + (uint64_t)b * dst_step;
-		uint64_t got = dma_accessible(job->dma, s, src_step, PROT_READABLE);
+	op.bs = dif_block_sizes[op.dif_flags & 3];
+	op.src_step = op.checks ? op.bs + DIF_SIZE : op.bs;
+	op.dst_step = opcode == OP_DIF_STRP ? op.bs : op.bs + DIF_SIZE;
+	op.in = tags_at(d, 48, op.src_flags & SRC_FIXED_REF, op.src_flags & SRC_INC_APP);
+	op.out = tags_at(d, 56, op.dst_flags & DST_FIXED_REF, op.dst_flags & DST_INC_APP);
+	blocks = job->size / op.src_step;
+	while (b < blocks && !errors && status == ST_SUCCESS) {
+		uint64_t s = src + (uint64_t)b * op.src_step, t = dst + (uint64_t)b * op.dst_step;
+		uint8_t *hs, *hd = NULL;
+		/* Whole blocks inside one region each way run in place, translated once. */
+		uint64_t run = dma_span(job->dma, s, (uint64_t)(blocks - b) * op.src_step,
+					PROT_READABLE, &hs) / op.src_step;
 
-		if (wraps(s, src_step) || got < src_step) {
-			status = fault(job, s + got, (uint64_t)b * src_step, false);
-			break;
+		if (run && op.writes)
+			run = dma_span(job->dma, t, run * op.dst_step, PROT_WRITABLE, &hd) /
+			      op.dst_step;
+		if (!run) {
+			status = dif_block_copied(job, &op, s, t, b, &errors);
+			b += !errors && status == ST_SUCCESS;
+			continue;
 		}
-		if (writes) {
-			got = dma_accessible(job->dma, t, dst_step, PROT_WRITABLE);
-			if (wraps(t, dst_step) || got < dst_step) {
-				status = fault(job, t + got, (uint64_t)b * src_step, true);
+		for (uint64_t i = 0; i < run; i++, b++) {
+			errors = dif_block(&op, hs + i * op.src_step,
+					   hd ? hd + i * op.dst_step : NULL, b);
+			if (errors)
 				break;
-			}
 		}
-		dma_read(job->dma, s, block, src_step);
-		if (checks) {
-			uint8_t errors = dif_verify(block, bs, src_flags, dif_flags, &in, b);
-
-			if (errors) {
-				job->out->result = errors;
-				job->out->bytes_completed = b * src_step;
-				status = ST_DIF_ERR;
-				break;
-			}
-		}
-		if (opcode == OP_DIF_INS || opcode == OP_DIF_UPDT)
-			dif_write(block + bs, block, bs, dif_flags, &out, b,
-				  opcode == OP_DIF_INS ? 0 : dst_flags);
-		if (writes)
-			dma_write(job->dma, t, block, dst_step);
+	}
+	if (errors) {
+		job->out->result = errors;
+		job->out->bytes_completed = b * op.src_step;
+		status = ST_DIF_ERR;
 	}
 	if (opcode == OP_DIF_INS) {
-		record_tags(job->out->specific + 8, &out, b);
+		record_tags(job->out->specific + 8, &op.out, b);
 	} else {
-		record_tags(job->out->specific, &in, b);
+		record_tags(job->out->specific, &op.in, b);
 		if (opcode == OP_DIF_UPDT)
-			record_tags(job->out->specific + 8, &out, b);
+			record_tags(job->out->specific + 8, &op.out, b);
 	}
 	return status;
 }
@@ -870,6 +923,11 @@ static uint32_t process(struct exec_context *ctx, const struct dma_table *dma,
 		return ST_ABANDONED;
 	complete(&job, op, batch_index, invalid_flags);
 	return out.status;
+}
+
+bool descriptor_may_block(const uint8_t *descriptor)
+{
+	return descriptor[7] == OP_BATCH || descriptor[7] == OP_DRAIN;
 }
 
 bool execute_descriptor(struct exec_context *ctx, const uint8_t *descriptor)

@@ -30,6 +30,13 @@
 #define SPIN_SWEEPS 256u
 #define FIRST_SLEEP_NS 1000L
 #define LONGEST_SLEEP_NS 4000000L
+/* A sweep reads only the enabled WQs' slots (a busy poller sweeps millions of times a
+ * second); every this many sweeps, and before each sleep, it reads every slot, so that
+ * descriptors for disabled WQs or for no WQ are taken and counted as dropped. */
+#define FULL_SWEEP_PERIOD 64u
+#define WQ_PORTALS (4u * 4096u)
+/* Descriptors handed to the engine under one lock. */
+#define TAKE_BATCH 32u
 
 struct poller {
 	struct vdsa_engine *engine;
@@ -40,39 +47,82 @@ struct poller {
 	pthread_mutex_t lock;
 	pthread_cond_t kick; /* a WQ was enabled, or stop */
 	bool kicked;
-	bool stop;
+	atomic_bool stop; /* read on every sweep: a busy poller may never sleep */
 	atomic_uint_fast64_t sleeps; /* times the poller slept, for the idle-cost figures */
 };
 
-/* Takes every full slot once; returns how many it took. */
-static uint32_t sweep(struct poller *poller)
+struct batch {
+	struct taken taken[TAKE_BATCH];
+	uint32_t count;
+	uint32_t total;
+};
+
+static void flush(struct poller *poller, struct batch *batch)
 {
-	uint32_t taken = 0;
+	if (batch->count)
+		engine_submit(poller->engine, batch->taken, batch->count);
+	batch->total += batch->count;
+	batch->count = 0;
+}
 
-	for (uint32_t offset = 0; offset < poller->size; offset += DESC_SIZE) {
+/* Takes every full slot of [start, end) once, into batch. */
+static void sweep_range(struct poller *poller, struct batch *batch, uint32_t start,
+			uint32_t end)
+{
+	for (uint32_t offset = start; offset < end; offset += DESC_SIZE) {
 		uint64_t *slot = (uint64_t *)(poller->base + offset);
-		uint64_t descriptor[DESC_SIZE / 8];
+		struct taken *t;
+		uint64_t q[DESC_SIZE / 8];
 
-		descriptor[0] = __atomic_load_n(&slot[0], __ATOMIC_ACQUIRE);
-		if (!descriptor[0])
+		q[0] = __atomic_load_n(&slot[0], __ATOMIC_ACQUIRE);
+		if (!q[0])
 			continue;
-		for (unsigned q = 1; q < DESC_SIZE / 8; q++)
-			descriptor[q] = __atomic_load_n(&slot[q], __ATOMIC_RELAXED);
+		for (unsigned i = 1; i < DESC_SIZE / 8; i++)
+			q[i] = __atomic_load_n(&slot[i], __ATOMIC_RELAXED);
 		__atomic_store_n(&slot[0], 0, __ATOMIC_RELEASE);
-		engine_submit(poller->engine, offset, (const uint8_t *)descriptor);
-		taken++;
+		t = &batch->taken[batch->count++];
+		t->offset = offset;
+		memcpy(t->descriptor, q, DESC_SIZE);
+		if (batch->count == TAKE_BATCH)
+			flush(poller, batch);
 	}
-	return taken;
+}
+
+/* Takes the full slots of the enabled WQs, or with `full` of the whole BAR; returns how
+ * many it took. */
+static uint32_t sweep(struct poller *poller, bool full)
+{
+	struct batch batch = { .count = 0 };
+
+	if (full) {
+		sweep_range(poller, &batch, 0, poller->size);
+	} else {
+		for (uint64_t wqs = engine_enabled_wqs(poller->engine); wqs; wqs &= wqs - 1) {
+			uint32_t start = (uint32_t)__builtin_ctzll(wqs) * WQ_PORTALS;
+
+			sweep_range(poller, &batch, start, start + WQ_PORTALS);
+		}
+	}
+	flush(poller, &batch);
+	return batch.total;
 }
 
 static void *poll_portals(void *arg)
 {
 	struct poller *poller = arg;
-	uint32_t empty = 0;
+	uint32_t empty = 0, sweeps = 0;
 	long sleep_ns = FIRST_SLEEP_NS;
+	bool ran = false;
 
-	for (;;) {
-		if (sweep(poller)) {
+	while (!atomic_load_explicit(&poller->stop, memory_order_relaxed)) {
+		bool full = ++sweeps % FULL_SWEEP_PERIOD == 0 || empty + 1 >= SPIN_SWEEPS;
+		uint32_t taken = sweep(poller, full);
+
+		/* Runs what it took itself when an engine would otherwise need waking. With
+		 * nothing taken and no engine held (ran is false: it gave the engine back),
+		 * there is nothing to run: the lock is left to the others. */
+		ran = (taken || ran) && engine_poll_run(poller->engine);
+		if (ran || taken) {
 			empty = 0;
 			sleep_ns = FIRST_SLEEP_NS;
 			continue;
@@ -84,7 +134,7 @@ static void *poll_portals(void *arg)
 		}
 		pthread_mutex_lock(&poller->lock);
 		/* With no WQ enabled there is nothing to take until an enable kicks. */
-		while (!poller->stop && !poller->kicked && !engine_any_wq_enabled(poller->engine))
+		while (!poller->stop && !poller->kicked && !engine_enabled_wqs(poller->engine))
 			pthread_cond_wait(&poller->kick, &poller->lock);
 		if (!poller->stop && !poller->kicked) {
 			struct timespec until;
@@ -103,12 +153,9 @@ static void *poll_portals(void *arg)
 		} else if (sleep_ns < LONGEST_SLEEP_NS) {
 			sleep_ns *= 2;
 		}
-		if (poller->stop) {
-			pthread_mutex_unlock(&poller->lock);
-			return NULL;
-		}
 		pthread_mutex_unlock(&poller->lock);
 	}
+	return NULL;
 }
 
 struct poller *poller_create(struct vdsa_engine *engine, uint32_t size, int *error)

@@ -61,6 +61,8 @@ void vdsa_engine_destroy(struct vdsa_engine *engine);
 int vdsa_engine_map_portals(struct vdsa_engine *engine, uint32_t bar2_size);
 /* Times the poller slept since map_portals (its idle cost). */
 uint64_t vdsa_engine_portal_sleeps(struct vdsa_engine *engine);
+/* Descriptors written to the portals of no WQ (BAR2 beyond the last WQ's pages): dropped. */
+uint64_t vdsa_engine_stray_descriptors(struct vdsa_engine *engine);
 /* ctx must have been created with this engine as its private pointer. Registers BAR2
  * (size bytes) with the engine's own access callback (portal writes while
  * PCI_COMMAND.MEM is clear are ignored) and, with mapped portals, the memfd as the whole

@@ -1,8 +1,10 @@
 """Benchmarks through the vfio-user protocol, without QEMU: ``vdsa serve`` in a process of its
 own, driven by the client harness as the stock driver drives a DSA (each descriptor a MOVDIR64B's
-eight posted portal writes, completions signalled by MSI-X or seen by polling the record). Each
-figure stands beside the host doing the same work on the same buffers in this process, or, for
-batches and scaling, beside vdsa's own figure for the plain case.
+eight posted portal writes, completions signalled by MSI-X or seen by polling the record), then
+through the mapped BAR2 by a native submitter that stores descriptors as a guest's MOVDIR64B
+does and polls or sleeps on the records. Each figure stands beside the host doing the same work
+on the same buffers in this process, or, for batches and scaling, beside vdsa's own figure for
+the plain case.
 
 Every case checks its results (completion status, data, CRC values) as it goes: a figure from
 wrong results is an error, not a figure.
@@ -11,6 +13,8 @@ wrong results is an error, not a figure.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 import os
 import statistics
 import sys
@@ -24,15 +28,23 @@ import trio
 
 from vdsa_server.bench.hostref import HostOp, HostReference
 from vdsa_server.bench.results import Measurement
+from vdsa_server.bench.submitter import NativeSubmitter, StreamOutcome, StreamPlan
 from vdsa_server.client import GuestMemory, VfioUserClient
-from vdsa_server.client.driver import RECORD_SIZE, DsaDriver, make_descriptor, vector_of
+from vdsa_server.client.driver import (
+    RECORD_SIZE,
+    SLOTS_PER_PORTAL,
+    DsaDriver,
+    make_descriptor,
+    vector_of,
+)
 from vdsa_server.device.descriptors import (
     DsaCompletionRecord,
     DsaCompStatus,
     DsaOpcode,
     IdxdOpFlag,
 )
-from vdsa_server.device.registers import IdxdCmd
+from vdsa_server.device.pci import Bar
+from vdsa_server.device.registers import IdxdCmd, IdxdPortal, wq_portal_offset
 from vdsa_server.log import get_logger
 
 log = get_logger()
@@ -64,6 +76,7 @@ BATCH_SIZE = 32
 BATCH_UNIT = 4 * KiB
 BATCH_WINDOW = 8
 LATENCY_SIZE = 64
+LATENCY_SAMPLES = 1 << 20
 NOTIFY = IdxdOpFlag.CRAV | IdxdOpFlag.RCR | IdxdOpFlag.RCI
 POLLED = IdxdOpFlag.CRAV | IdxdOpFlag.RCR
 SERVER_START = 30.0  # seconds for `vdsa serve` to listen (Python, the engine, sanitizers)
@@ -141,6 +154,27 @@ class StreamResult:
         return cpu / self.completed * 1e6 if self.completed else 0.0
 
 
+class MappedBar:
+    """BAR2 mapped from the region fd the server offers (the fd stays the client's), and the
+    native submitter that stores into it. ``close()`` unmaps it."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._map = mmap.mmap(fd, size)
+        view = ctypes.c_char.from_buffer(self._map)
+        self.address = ctypes.addressof(view)
+        del view  # an exported buffer would keep the mapping from closing
+        self.submitter = NativeSubmitter()
+
+    def close(self) -> None:
+        self._map.close()
+
+    def __enter__(self) -> MappedBar:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
 class Bench:
     """The harness's side of the benchmarks: the driver, the server's CPU clock, the host
     reference and the guest memory they share."""
@@ -152,6 +186,7 @@ class Bench:
         self.cpu = cpu
         self.host = host
         self.plan = plan
+        self.mapped: MappedBar | None = None
 
     def address(self, iova: int, size: int) -> int:
         return self.memory.address(iova, size)
@@ -206,13 +241,73 @@ class Bench:
 
     async def throughput(self, work: Work, wq: int = 0, window: int = WQ_SIZE,
                          seconds: float | None = None) -> StreamResult:
-        """A warm-up, then ``seconds`` of ``work`` on ``wq``."""
+        """A warm-up, then ``seconds`` of ``work`` on ``wq``: through the mapped BAR by the
+        native submitter once :meth:`map_bar` has run, else by this loop."""
+        seconds = seconds or self.plan.seconds
+        if self.mapped is not None:
+            await self.native_stream(work, wq, window, self.plan.warm_up)
+            return await self.native_stream(work, wq, window, seconds)
 
         def make(record: int, vector: int) -> bytes:
             return work.descriptor(record, vector)
 
         await self.stream(wq, make, work.check, window, self.plan.warm_up)
-        return await self.stream(wq, make, work.check, window, seconds or self.plan.seconds)
+        return await self.stream(wq, make, work.check, window, seconds)
+
+    # --- The mapped BAR and the native submitter ---
+
+    @contextlib.asynccontextmanager
+    async def map_bar(self) -> AsyncIterator[MappedBar]:
+        """BAR2 mapped here from the server's fd, for the native submitter while inside."""
+        info = await self.driver.client.device_get_region_info(Bar.PORTALS)
+        if not info.fds:
+            raise BenchError("the server offers BAR2 as no mappable region")
+        with MappedBar(info.fds[0], info.size) as bar:
+            self.mapped = bar
+            try:
+                yield bar
+            finally:
+                self.mapped = None
+
+    def native_plan(self, work: Work, wq: int, window: int, seconds: float, *,
+                    flags: int = POLLED, irq: bool = False, latencies: int = 0
+                    ) -> StreamPlan:
+        """``work`` on ``wq`` as the native submitter streams it: into the limited MSI-X
+        portal, rotating over its slots as the stock driver does."""
+        if self.mapped is None:
+            raise BenchError("the native submitter needs the mapped BAR")
+        records = RECORDS + wq * RECORDS_PER_STREAM * RECORD_SIZE
+        vector = vector_of(wq)
+        return StreamPlan(
+            portal=self.mapped.address + wq_portal_offset(wq, IdxdPortal.LIMITED_MSIX),
+            slots=SLOTS_PER_PORTAL, window=window,
+            descriptor=work.descriptor(0, vector, flags),
+            records=self.address(records, window * RECORD_SIZE), records_iova=records,
+            seconds=seconds, wait_limit=self.driver.wait_limit,
+            irq_fd=self.driver.vectors[vector].fd if irq else -1, latencies=latencies)
+
+    async def native_stream(self, work: Work, wq: int, window: int,
+                            seconds: float) -> StreamResult:
+        """``window`` descriptors of ``work`` in flight for ``seconds``, submitted and reaped
+        by the native submitter (its CPU time is the client's); every record's status is
+        checked there, and the last window's records in full here."""
+        if window > min(WQ_SIZE, RECORDS_PER_STREAM):
+            raise ValueError(f"a window of {window} exceeds the WQ or its records")
+        plan = self.native_plan(work, wq, window, seconds)
+        clock = self.cpu.read()
+        outcome = await self.run_native(plan)
+        _, server_cpu = self.cpu.read()
+        for index in range(min(window, outcome.completed)):
+            work.check(self.driver.record(plan.records_iova + index * RECORD_SIZE))
+        return StreamResult(outcome.completed, outcome.seconds, outcome.cpu_seconds,
+                            server_cpu - clock[1])
+
+    async def run_native(self, plan: StreamPlan) -> StreamOutcome:
+        """The blocking C stream in a worker thread, so that trio's loop stays responsive."""
+        if self.mapped is None:
+            raise BenchError("the native submitter needs the mapped BAR")
+        submitter = self.mapped.submitter
+        return await trio.to_thread.run_sync(submitter.stream, plan)
 
     def host_rate(self, op: HostOp, dst: int, src: int, size: int) -> float:
         return self.host.rate(op, self.address(dst, size), self.address(src, size), size,
@@ -244,7 +339,7 @@ def _rate_measurement(group: str, case: str, size: int, result: StreamResult,
 
 def _portal_suffix(bench: Bench) -> str:
     """Cases measured through mapped portals are named apart from the trapped ones."""
-    return " (mapped)" if bench.driver.portals is not None else ""
+    return " (mapped)" if bench.mapped is not None else ""
 
 
 async def memmove_cases(bench: Bench, sizes: Sequence[int]) -> list[Measurement]:
@@ -325,6 +420,7 @@ async def operation_cases(bench: Bench, sizes: Sequence[int]) -> list[Measuremen
     doing the same with glibc or ISA-L."""
     measurements = []
     memory = bench.memory
+    suffix = _portal_suffix(bench)
     for size in sizes:
         bench.host.time_ns(HostOp.CRC32C, 0, bench.address(SRC, size), size, 1)
         crc = ~bench.host.result() & 0xFFFF_FFFF  # ISA-L's register is the uninverted CRC
@@ -338,8 +434,8 @@ async def operation_cases(bench: Bench, sizes: Sequence[int]) -> list[Measuremen
             if case.host_op is HostOp.DIF_CHECK and bench.host.result():
                 raise BenchError("the host's DIF check failed on the host's own DIFs")
             measurements.append(_rate_measurement(
-                "operations", f"{case.name} {_size_label(size)}", size, result,
-                case.host_op.label, reference))
+                f"operations{suffix}", f"{case.name} {_size_label(size)}{suffix}", size,
+                result, case.host_op.label, reference))
     return measurements
 
 
@@ -377,17 +473,34 @@ async def batch_case(bench: Bench) -> Measurement:
                              batches, f"{BATCH_SIZE} single 4 KiB memmoves", singles_ops)
 
 
+LATENCY_WORK = Work(DsaOpcode.MEMMOVE, LATENCY_SIZE,
+                    {"src_addr": SRC, "dst_addr": dest(0), "xfer_size": LATENCY_SIZE})
+LATENCY_MODES = (("interrupt", NOTIFY), ("polling", POLLED))
+
+
+def _latency_measurements(bench: Bench, mode: str, samples: Sequence[float],
+                          host_us: float) -> list[Measurement]:
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")
+    suffix = _portal_suffix(bench)
+    return [Measurement(
+        group=f"latency{suffix}", case=f"latency 64 B memmove, {mode}, {name}{suffix}",
+        unit="us", value=value, reference=f"{HostOp.MEMCPY.label} of 64 B",
+        reference_value=host_us, lower_is_better=True, extra={"samples": len(samples)})
+        for name, value in (("p50", cuts[49]), ("p99", cuts[98]))]
+
+
 async def latency_cases(bench: Bench) -> list[Measurement]:
-    """Submission (the first portal write sent) until the record is seen complete, one
-    descriptor at a time: by its interrupt, and by polling the record without sleeping."""
+    """Submission (the first portal write sent, or the slot's qword 0 stored) until the
+    record is seen complete, one descriptor at a time: by its interrupt, and by polling the
+    record without sleeping."""
+    host_us = 1e6 / bench.host_rate(HostOp.MEMCPY, dest(1), SRC, LATENCY_SIZE)
+    if bench.mapped is not None:
+        return await _native_latency_cases(bench, host_us)
     driver, memory = bench.driver, bench.memory
     record, vector = RECORDS, vector_of(0)
-    work = Work(DsaOpcode.MEMMOVE, LATENCY_SIZE,
-                {"src_addr": SRC, "dst_addr": dest(0), "xfer_size": LATENCY_SIZE})
-    host_us = 1e6 / bench.host_rate(HostOp.MEMCPY, dest(1), SRC, LATENCY_SIZE)
+    work = LATENCY_WORK
     measurements = []
-    suffix = _portal_suffix(bench)
-    for mode, flags in (("interrupt", NOTIFY), ("polling", POLLED)):
+    for mode, flags in LATENCY_MODES:
         desc = work.descriptor(record, vector, flags)
         samples: list[float] = []
         deadline = time.perf_counter() + bench.plan.seconds
@@ -408,13 +521,26 @@ async def latency_cases(bench: Bench) -> list[Measurement]:
             _expect_success(driver.record(record))
             if time.perf_counter() >= warm_until:
                 samples.append((end - start) / 1e3)
-        cuts = statistics.quantiles(samples, n=100, method="inclusive")
-        for name, value in (("p50", cuts[49]), ("p99", cuts[98])):
-            measurements.append(Measurement(
-                group=f"latency{suffix}", case=f"latency 64 B memmove, {mode}, {name}{suffix}",
-                unit="us",
-                value=value, reference=f"{HostOp.MEMCPY.label} of 64 B", reference_value=host_us,
-                lower_is_better=True, extra={"samples": len(samples)}))
+        measurements += _latency_measurements(bench, mode, samples, host_us)
+    return measurements
+
+
+async def _native_latency_cases(bench: Bench, host_us: float) -> list[Measurement]:
+    """The native submitter, one descriptor in flight: it sleeps on the vector's eventfd,
+    or spins on the record."""
+    measurements = []
+    for mode, flags in LATENCY_MODES:
+        irq = bool(flags & IdxdOpFlag.RCI)
+        if irq:
+            bench.driver.vectors[vector_of(0)].poll()  # nothing left from earlier work
+        await bench.run_native(bench.native_plan(LATENCY_WORK, 0, 1, bench.plan.warm_up,
+                                                 flags=flags, irq=irq))
+        outcome = await bench.run_native(bench.native_plan(
+            LATENCY_WORK, 0, 1, bench.plan.seconds, flags=flags, irq=irq,
+            latencies=LATENCY_SAMPLES))
+        if outcome.completed < 2:
+            raise BenchError(f"{outcome.completed} latency samples ({mode})")
+        measurements += _latency_measurements(bench, mode, outcome.latencies_us, host_us)
     return measurements
 
 
@@ -466,11 +592,16 @@ def notes(cpus: int) -> list[str]:
     """What the figures mean on this machine, printed and stored with them."""
     parallel_engines = max(cpus - 2, 0)
     return [
-        "Each descriptor reaches the server as eight vfio-user messages, one for each 8-byte "
-        "store of the guest's MOVDIR64B, as QEMU sends them: small transfers measure that "
-        "path, large ones the engine's copy.",
+        "Trapped cases: each descriptor reaches the server as eight vfio-user messages, one "
+        "for each 8-byte store of the guest's MOVDIR64B, as QEMU sends them: small transfers "
+        "measure that path, large ones the engine's copy.",
+        "(mapped) cases: a native submitter stores each descriptor into the mapped BAR2 as "
+        "vdsa's QEMU MOVDIR64B does (wait for a free slot, qwords 7..1, then qword 0), over "
+        "the 64 slots of the portal page in turn, and polls the completion records (or, for "
+        "interrupt latency, sleeps on the vector's eventfd): no message per descriptor.",
         "client_cpu_us_per_op and server_cpu_us_per_op in the JSON split each descriptor's CPU "
-        "time between the harness client (Python, standing in for QEMU) and `vdsa serve`.",
+        "time between the harness client (Python or the native submitter, standing in for "
+        "QEMU) and `vdsa serve`.",
         f"This machine has {cpus} CPU{'s' * (cpus > 1)}. The harness client, the server's "
         f"vfio-user thread and one thread per engine share them, so at most "
         f"{parallel_engines} engine thread{'s' * (parallel_engines != 1)} can run beside the "
@@ -523,11 +654,9 @@ async def run_harness(work_dir: Path, plan: BenchPlan) -> list[Measurement]:
             measurements.append(await batch_case(bench))
             measurements += await latency_cases(bench)
             measurements += await scaling_cases(bench, (64 * KiB, MiB))
-            # The same submissions stored into the mapped BAR, as a KVM guest makes them.
-            await bench.driver.map_portals()
-            try:
+            # The same work stored into the mapped BAR by native code, as a guest makes it.
+            async with bench.map_bar():
                 measurements += await memmove_cases(bench, (64, 4 * KiB, 64 * KiB, MiB))
+                measurements += await operation_cases(bench, (4 * KiB, MiB))
                 measurements += await latency_cases(bench)
-            finally:
-                bench.driver.unmap_portals()
     return measurements

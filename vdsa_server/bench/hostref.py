@@ -7,12 +7,14 @@ import ctypes
 import enum
 import errno
 import time
+from collections.abc import Mapping
 from ctypes import c_int, c_int64, c_size_t, c_uint64, c_void_p
 from pathlib import Path
+from typing import Any
 
 from vdsa_server.transport.libvfio_user import declare_signatures
 
-_SIGNATURES: dict[str, tuple[object, list[object], None]] = {
+_SIGNATURES: dict[str, tuple[Any, list[Any], None]] = {
     "vdsa_hostref_time": (c_int64, [c_int, c_void_p, c_void_p, c_size_t, c_uint64], None),
     "vdsa_hostref_result": (c_uint64, [], None),
 }
@@ -43,22 +45,27 @@ _LABELS = {
 }
 
 
-def _default_path() -> Path:
-    from vdsa_server.builds.engine_build import HOSTREF_FILENAME, engine_artifact
+def load_bench_library(path: Path | None, signatures: Mapping[str, tuple[Any, list[Any], None]]
+                       ) -> tuple[Path, ctypes.CDLL]:
+    """The bench's native library (``native/bench``) from ``path``, else the build cache, with
+    ``signatures`` declared."""
+    if path is None:
+        from vdsa_server.builds.engine_build import HOSTREF_FILENAME, engine_artifact
 
-    return engine_artifact().path / HOSTREF_FILENAME
+        path = engine_artifact().path / HOSTREF_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, f"the bench's native library not found at "
+                                f"{path}: run `vdsa build engine`")
+    cdll = ctypes.CDLL(str(path), use_errno=True)
+    declare_signatures(cdll, dict(signatures))
+    return path, cdll
 
 
 class HostReference:
     """The loaded library. Addresses are this process's (see ``GuestMemory.address``)."""
 
     def __init__(self, path: Path | None = None) -> None:
-        self.path = path or _default_path()
-        if not self.path.is_file():
-            raise FileNotFoundError(errno.ENOENT, f"host reference library not found at "
-                                    f"{self.path}: run `vdsa build engine`")
-        self._c = ctypes.CDLL(str(self.path))
-        declare_signatures(self._c, _SIGNATURES)  # type: ignore[arg-type]
+        self.path, self._c = load_bench_library(path, _SIGNATURES)
 
     def time_ns(self, op: HostOp, dst: int, src: int, size: int, iterations: int) -> int:
         """Nanoseconds that ``iterations`` runs of ``op`` over ``size`` bytes took."""

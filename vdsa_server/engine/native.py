@@ -82,6 +82,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any], Callable[..., int] | None]] = {
     "vdsa_engine_attach_vfu": (c_int, [_ENGINE, c_void_p, c_uint32], _check_errno),
     "vdsa_engine_map_portals": (c_int, [_ENGINE, c_uint32], _check_errno),
     "vdsa_engine_portal_sleeps": (c_uint64, [_ENGINE], None),
+    "vdsa_engine_stray_descriptors": (c_uint64, [_ENGINE], None),
     "vdsa_engine_vfu_attach": (c_int, [_ENGINE], check_status),
     "vdsa_engine_vfu_run": (c_int, [_ENGINE], check_status),
     "vdsa_engine_portal_write": (c_int, [_ENGINE, c_uint64, c_void_p, c_uint32], _check_errno),
@@ -205,6 +206,10 @@ class Engine:
     def portal_sleeps(self) -> int:
         """Times the portal poller slept: its idle cost."""
         return int(self._c.vdsa_engine_portal_sleeps(self._e))
+
+    def stray_descriptors(self) -> int:
+        """Descriptors written to the portals of no WQ (past the last WQ's pages): dropped."""
+        return int(self._c.vdsa_engine_stray_descriptors(self._e))
 
     def attach_vfu(self, ctx_pointer: int, bar2_size: int) -> None:
         """Own BAR2 of the libvfio-user context (mappable if ``map_portals`` came first) and
