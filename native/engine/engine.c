@@ -515,7 +515,7 @@ bool engine_poll_run(struct vdsa_engine *engine)
 
 		ran = wq != NULL;
 		/* Those go to the worker: the poller must keep sweeping (vdsa's QEMU waits
-		 * 20 ms at most for a slot), and a drain waits for other engines. */
+		 * 250 ms at most for a slot), and a drain waits for other engines. */
 		if (ran && descriptor_may_block(wq->ring[wq->head])) {
 			engine->lent_engine = -1;
 			ran = false;
