@@ -23,7 +23,7 @@ pytestmark = pytest.mark.boot
 SCRIPTS = QEMU_CONFIGS / "guest-scripts"
 READ_ONLY_CONFIG = QEMU_CONFIGS / "devices" / "read-only-1dwq.toml"
 # dsa-configure.sh takes about 5 s under TCG.
-STUCK_SCRIPT_SECONDS = 40
+STUCK_SCRIPT_SECONDS = 25
 # Driver warnings expected on this platform: no IOMMU for user SVA, and perfmon
 # advertised as absent.  Anything else from idxd at warning level is a finding.
 EXPECTED_IDXD_LINES = (
