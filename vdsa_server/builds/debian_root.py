@@ -192,9 +192,17 @@ class _Build:
 
 def in_root(root: Path, *argv: str) -> list[str]:
     """``argv`` run in ``root`` with its own /proc (the kernel build's objtool and apt
-    read it), mounted in a private mount namespace that ends with the command."""
-    return ["unshare", "--mount", "--", "sh", "-c",
-            'mount -t proc proc "$0/proc" && exec chroot "$0" "$@"', str(root), *argv]
+    read it), mounted in a private mount namespace that ends with the command.
+
+    Where / is no mount point (vdsa itself runs in a chroot), unshare cannot make the new
+    namespace private; the mount then keeps the inherited propagation and is undone when
+    the command ends."""
+    if os.path.ismount("/"):
+        return ["unshare", "--mount", "--", "sh", "-c",
+                'mount -t proc proc "$0/proc" && exec chroot "$0" "$@"', str(root), *argv]
+    return ["unshare", "--mount", "--propagation", "unchanged", "--", "sh", "-c",
+            'mount -t proc proc "$0/proc" || exit; chroot "$0" "$@"; status=$?; '
+            'umount "$0/proc"; exit $status', str(root), *argv]
 
 
 def _kernel_version(root: Path) -> str:
