@@ -16,10 +16,12 @@ reaches vdsa by rebuilding its root (``vdsa build guest --kernel R --force``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -190,14 +192,21 @@ class _Build:
         return (await self.capture("dpkg-query", "-W", "-f", "${Version}", package)).strip()
 
 
-def in_root(root: Path, *argv: str) -> list[str]:
+@functools.cache
+def private_mount_namespaces() -> bool:
+    """Whether unshare can make a new mount namespace private here: not where / is no mount
+    point (vdsa itself in a chroot or a container)."""
+    done = subprocess.run(["unshare", "--mount", "--", "true"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def in_root(root: Path, *argv: str, private: bool | None = None) -> list[str]:
     """``argv`` run in ``root`` with its own /proc (the kernel build's objtool and apt
     read it), mounted in a private mount namespace that ends with the command.
 
-    Where / is no mount point (vdsa itself runs in a chroot), unshare cannot make the new
-    namespace private; the mount then keeps the inherited propagation and is undone when
-    the command ends."""
-    if os.path.ismount("/"):
+    Where the namespace cannot be private (``private_mount_namespaces``), the mount keeps
+    the inherited propagation and is undone when the command ends."""
+    if private if private is not None else private_mount_namespaces():
         return ["unshare", "--mount", "--", "sh", "-c",
                 'mount -t proc proc "$0/proc" && exec chroot "$0" "$@"', str(root), *argv]
     return ["unshare", "--mount", "--propagation", "unchanged", "--", "sh", "-c",
