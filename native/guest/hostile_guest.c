@@ -236,6 +236,19 @@ static void submit(struct state *s, const struct dsa_hw_desc *desc)
 	s->descriptors++;
 }
 
+/* Submits d with a cleared record and waits for it; 0 (counted as lost) if none came. */
+static uint8_t run(struct state *s, const struct dsa_hw_desc *d)
+{
+	uint8_t status;
+
+	clear_record(s);
+	submit(s, d);
+	status = wait_record(s, TIMEOUT_S);
+	if (!status)
+		s->lost++;
+	return status;
+}
+
 static bool succeeded(uint8_t status)
 {
 	uint8_t code = status & DSA_COMP_STATUS_MASK;
@@ -318,24 +331,20 @@ static void valid_one(struct state *s)
 		break;
 	}
 	d.xfer_size = n;
-	clear_record(s);
-	submit(s, &d);
 	s->valid++;
-	status = wait_record(s, TIMEOUT_S);
-	if (!status) {
-		s->lost++;
-	} else if (!succeeded(status)) {
+	status = run(s, &d);
+	if (status && !succeeded(status)) {
 		fprintf(stderr, PROGRAM ": valid opcode %u size %u: status 0x%x\n", d.opcode, n, status);
 		s->wrong_results++;
-	} else if (want_result >= 0 &&
+	} else if (status && want_result >= 0 &&
 		   ((volatile struct dsa_completion_record *)s->records.va)->result != want_result) {
 		fprintf(stderr, PROGRAM ": opcode %u: result %u, not %d\n", d.opcode,
 			((volatile struct dsa_completion_record *)s->records.va)->result, want_result);
 		s->wrong_results++;
-	} else if ((kind == 0 || kind == 1) && memcmp(dst + dof, expected, n) != 0) {
+	} else if (status && (kind == 0 || kind == 1) && memcmp(dst + dof, expected, n) != 0) {
 		fprintf(stderr, PROGRAM ": opcode %u size %u: wrong bytes\n", d.opcode, n);
 		s->wrong_results++;
-	} else {
+	} else if (status) {
 		s->valid_ok++;
 	}
 	s->stray_writes += strays(s, kind <= 1 ? page : -1, dof, dof + (kind <= 1 ? n : 0));
@@ -412,18 +421,14 @@ static void invalid_one(struct state *s)
 		d.dst_addr = bad_address(s);
 		break;
 	}
-	clear_record(s);
-	submit(s, &d);
 	s->invalid++;
-	status = wait_record(s, TIMEOUT_S);
-	if (!status) {
-		s->lost++;
-	} else if (succeeded(status)) {
+	status = run(s, &d);
+	if (status && succeeded(status)) {
 		fprintf(stderr, PROGRAM ": invalid opcode 0x%x flags 0x%x size %u src 0x%llx "
 			"dst 0x%llx: success\n", d.opcode, d.flags, d.xfer_size,
 			(unsigned long long)d.src_addr, (unsigned long long)d.dst_addr);
 		s->invalid_succeeded++;
-	} else {
+	} else if (status) {
 		s->invalid_rejected++;
 	}
 	s->stray_writes += strays(s, -1, 0, 0);

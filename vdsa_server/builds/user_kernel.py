@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import uuid
 from pathlib import Path
 
 import trio
@@ -82,7 +83,8 @@ def _modules_tree(modules: Path, version: str) -> Path:
 
 
 async def _vermagic(module: Path, work: Path) -> str:
-    plain = work / "vermagic-check.ko"
+    # A name of its own: builds of several user kernels may share the work directory.
+    plain = work / f"vermagic-check.{uuid.uuid4().hex}.ko"
     decompress_module(module, plain)
     try:
         return (await capture(["modinfo", "-F", "vermagic", plain])).strip()
