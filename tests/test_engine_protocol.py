@@ -21,7 +21,7 @@ import trio
 
 from tests.conftest import vdsa_env
 from tests.test_server import PCI_CAP_ID_EXP, capabilities
-from vdsa_server.bench.harness import serving
+from vdsa_server.bench.serving import serving
 from vdsa_server.client import GuestMemory, PciIrq, VfioUserClient
 from vdsa_server.client.driver import (
     DESCRIPTOR_SIZE,

@@ -403,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     vdsa_log.configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     from vdsa_server.bench.guest import GuestBenchError
     from vdsa_server.bench.harness import BenchError
+    from vdsa_server.bench.serving import ServeError
     from vdsa_server.builds.guest_image import GuestImageMissing
     from vdsa_server.device.config import ConfigError
     from vdsa_server.launch.launcher import LaunchError
@@ -411,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vdsa_server.transport.socket_path import SocketPathTaken
 
     expected = (LaunchError, BuildError, GuestImageMissing, SampleServerError, SocketPathTaken,
-                ConfigError, LibraryError, OSError, BenchError, GuestBenchError)
+                ConfigError, LibraryError, OSError, BenchError, GuestBenchError, ServeError)
     try:
         if args.command == "build":
             trio.run(_build, args.what, args.force, args.kernel)

@@ -16,7 +16,11 @@
 #   setup             only loads the modules, configures dsa0 and wq0.0 and
 #                     enables them, and leaves them enabled for another
 #                     program's descriptors (portal-race.sh); results are
-#                     named setup.*.
+#                     named setup.*;
+#   inflight          verify's first run, then verified copies without end:
+#                     once they run, reports dmatest.inflight and waits for
+#                     the host to kill or reset the guest under them (fault
+#                     tests).
 threads=${1:-4}
 iterations=${2:-1000}
 mode=${3:-verify}
@@ -25,7 +29,8 @@ case $mode in
     verify) results=dmatest noverify=N norandom=N first=run1 ;;
     bench) results=bench noverify=Y norandom=Y first=dmatest ;;
     setup) results=setup ;;
-    *) echo "dmatest.sh: unknown mode '$mode' (verify, bench or setup)"; exit 2 ;;
+    inflight) results=dmatest noverify=N norandom=N first=run1 ;;
+    *) echo "dmatest.sh: unknown mode '$mode' (verify, bench, setup or inflight)"; exit 2 ;;
 esac
 failed=0
 check() {  # check NAME STATUS
@@ -135,6 +140,16 @@ run_dmatest "$first"
 # Threads still running hold the channel, and may never end (see run_dmatest):
 # disabling the WQ under them would only hang, so stop here.
 [ "$(cat "$PARAMS/run")" = N ] || exit 1
+
+if [ "$mode" = inflight ]; then
+    # iterations=0: each thread copies until stopped, which here is never.
+    echo 0 > "$PARAMS/iterations" && echo "$CHANNEL" > "$PARAMS/channel" &&
+        echo 1 > "$PARAMS/run"
+    check inflight $?
+    sleep 1
+    vdsa-result "$results.inflight" "$(cat "$PARAMS/run")"
+    exec sleep 3600
+fi
 
 if [ "$mode" = verify ]; then
     # Only the WQ is cycled; dsa0 stays enabled.  Disabling a WQ in 6.1 clears

@@ -17,17 +17,16 @@ import ctypes
 import mmap
 import os
 import statistics
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import trio
 
 from vdsa_server.bench.hostref import HostOp, HostReference
 from vdsa_server.bench.results import Measurement
+from vdsa_server.bench.serving import serving
 from vdsa_server.bench.submitter import NativeSubmitter, StreamOutcome, StreamPlan
 from vdsa_server.client import GuestMemory, VfioUserClient
 from vdsa_server.client.driver import (
@@ -79,8 +78,6 @@ LATENCY_SIZE = 64
 LATENCY_SAMPLES = 1 << 20
 NOTIFY = IdxdOpFlag.CRAV | IdxdOpFlag.RCR | IdxdOpFlag.RCI
 POLLED = IdxdOpFlag.CRAV | IdxdOpFlag.RCR
-SERVER_START = 30.0  # seconds for `vdsa serve` to listen (Python, the engine, sanitizers)
-LOG_TAIL = 3000  # characters of a failed server's log in the error
 ZERO_RECORD = bytes(RECORD_SIZE)
 
 
@@ -612,32 +609,7 @@ def notes(cpus: int) -> list[str]:
     ]
 
 
-# --- The server and the run ---------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def serving(socket: Path, log_file: Path, env: Mapping[str, str] | None = None
-                  ) -> AsyncIterator[trio.Process]:
-    """``vdsa serve`` in its own process (environment ``env``, default this one's), as it runs
-    beside QEMU; its log goes to ``log_file``. Leaving ends it: SIGTERM, SIGKILL after 5 s."""
-    with log_file.open("w") as log_stream:
-        async with trio.open_nursery() as nursery:
-            process: trio.Process = await nursery.start(partial(
-                trio.run_process,
-                [sys.executable, "-m", "vdsa_server", "serve", "--socket", str(socket)],
-                check=False, stderr=log_stream, env=env))
-            try:
-                # Python, the engine (and sanitizers, in tests) load first: a slow start.
-                with trio.fail_after(SERVER_START):
-                    while not await trio.Path(socket).exists():
-                        if process.returncode is not None:
-                            tail = (await trio.Path(log_file).read_text())[-LOG_TAIL:]
-                            raise BenchError(f"vdsa serve exited with {process.returncode}; "
-                                             f"the end of its log ({log_file}):\n{tail}")
-                        await trio.sleep(0.01)
-                yield process
-            finally:
-                nursery.cancel_scope.cancel()
+# --- The run ---------------------------------------------------------------------------------
 
 
 async def run_harness(work_dir: Path, plan: BenchPlan) -> list[Measurement]:

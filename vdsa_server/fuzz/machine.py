@@ -367,7 +367,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         check_serves(self.target)
         check_fds_settle(self.target, self.baseline_fds)
         self.tally.examples += 1
-        self.tally.rss.append(self.target.rss_bytes())
+        self.tally.rss.append(self.target.sample().rss_bytes)
 
 
 def check_serves(target: FuzzTarget) -> None:
@@ -389,7 +389,7 @@ def check_serves(target: FuzzTarget) -> None:
 
 def check_fds_settle(target: FuzzTarget, baseline: int) -> None:
     deadline = time.monotonic() + FD_SETTLE
-    while (count := target.open_fds()) > baseline:
+    while (count := target.sample().open_fds) > baseline:
         if time.monotonic() > deadline:
             raise FuzzFailure(f"the server holds {count} fds, {count - baseline} more than "
                               f"before the connection: a leak")

@@ -106,7 +106,7 @@ def run_fuzz(work_dir: Path, *, seconds: float, base_seed: int,
         ProtocolMachine.tally = tally
         ProtocolMachine.region_sizes = discover(target)
         check_serves(target)
-        ProtocolMachine.baseline_fds = target.open_fds()
+        ProtocolMachine.baseline_fds = target.sample().open_fds
         # No shrinking: a replay meets a server whose state has moved on, so it can end
         # differently; the failing example is reported as it ran, with its steps.
         config = settings(max_examples=EXAMPLES_PER_ROUND,

@@ -3,7 +3,6 @@ sanitized libvfio-user, and what can be read of it from outside (liveness, memor
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -12,38 +11,20 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from vdsa_server.builds.engine_build import Variant, engine_artifact, sanitizer_preload
-from vdsa_server.builds.libvfio_user_build import cached_sanitized_library
-from vdsa_server.engine import ENV_ENGINE
-from vdsa_server.transport.libvfio_user import ENV_LIBRARY
+from vdsa_server.bench.serving import (
+    ProcessSample,
+    ServeError,
+    sample_process,
+    sanitized_environment,
+)
 
 START_LIMIT = 60.0
 STOP_LIMIT = 10.0
-# The quarantine keeps freed memory from reuse to catch use-after-free; bounded, so that the
-# memory-growth check sees the server's own growth and not ASan's.
-ASAN_OPTIONS = "detect_leaks=0:quarantine_size_mb=16:abort_on_error=1"
-UBSAN_OPTIONS = "halt_on_error=1:print_stacktrace=1"
 SANITIZER_REPORT = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:")
 
 
 class TargetDied(Exception):
     """The server process ended (a crash, a sanitizer abort, an exit)."""
-
-
-def fuzz_environment() -> dict[str, str]:
-    """The sanitized engine and libvfio-user, and the runtimes they need preloaded.  The
-    engine finds libvfio-user through its RUNPATH; LD_LIBRARY_PATH comes first, so both it
-    and the binding load the same sanitized copy."""
-    library = cached_sanitized_library()
-    return {
-        **os.environ,
-        ENV_ENGINE: str(engine_artifact().path / Variant.SANITIZED.filename),
-        ENV_LIBRARY: str(library),
-        "LD_LIBRARY_PATH": str(library.parent),
-        "LD_PRELOAD": sanitizer_preload(),
-        "ASAN_OPTIONS": ASAN_OPTIONS,
-        "UBSAN_OPTIONS": UBSAN_OPTIONS,
-    }
 
 
 class FuzzTarget:
@@ -58,7 +39,7 @@ class FuzzTarget:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vdsa_server", "--log-format", "json", "serve",
              "--socket", str(self.socket)],
-            stdout=subprocess.DEVNULL, stderr=self._log, env=fuzz_environment())
+            stdout=subprocess.DEVNULL, stderr=self._log, env=sanitized_environment())
         deadline = time.monotonic() + START_LIMIT
         while not self.socket.exists():
             self.check_alive()
@@ -94,14 +75,11 @@ class FuzzTarget:
         tail = self.log_path.read_text(errors="replace")[-3000:]
         return f"the end of its log ({self.log_path}):\n{tail}"
 
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise TargetDied("the server has no VmRSS: it is gone")
-
-    def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+    def sample(self) -> ProcessSample:
+        try:
+            return sample_process(self.pid)
+        except ServeError as exc:
+            raise TargetDied(str(exc)) from None
 
     def close(self) -> None:
         if self.process.poll() is None:

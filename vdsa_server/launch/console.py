@@ -105,11 +105,13 @@ class Transcript:
     dmesg: str = ""
     exit_status: int | None = None
     panicked: bool = False
+    boots: int = 0  # more than one when the guest was reset
 
     def add(self, event: Event) -> None:
         match event:
             case Boot(kernel):
                 self.kernel = kernel
+                self.boots += 1
             case Line(text):
                 self.lines.append(text)
             case Result(name, value):

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ import trio
 from vdsa_server.builds.guest_image import GuestImage, find_guest, script_archive
 from vdsa_server.builds.qemu_build import cached_qemu_binary
 from vdsa_server.launch import console
+from vdsa_server.launch.qmp import Monitor
 from vdsa_server.log import get_logger
 from vdsa_server.paths import QEMU_CONFIGS
 
@@ -54,6 +55,8 @@ QEMU_STDERR = "qemu-stderr.txt"
 POWER_OFF_GRACE = 10.0
 # What the default script timeout leaves of the boot's for booting and reporting.
 SCRIPT_TIMEOUT_MARGIN = 60.0
+# The exit status a boot ended by a fault hook's kill reports, as a shell reports SIGKILL.
+KILLED_STATUS = 128 + signal.SIGKILL
 
 
 class LaunchError(RuntimeError):
@@ -281,13 +284,61 @@ class GuestRun:
     # False when the guest hung in its power-off after reporting (a wedged driver's
     # shutdown hook) and QEMU was stopped instead.
     powered_off: bool = True
+    # True when a fault hook killed QEMU (exit_status is then KILLED_STATUS unless the script
+    # had reported its own); boots counts the kernel's starts of /init, resets included.
+    killed: bool = False
+    boots: int = 1
+
+
+class Machine:
+    """The running QEMU of one boot, as a fault hook acts on it: killed as a crash ends it,
+    or reset from outside (QMP system_reset) as a host resets a guest."""
+
+    def __init__(self, proc: trio.Process, qmp_socket: Path) -> None:
+        self._proc = proc
+        self._qmp_socket = qmp_socket
+        self._monitor: Monitor | None = None
+        self.killed = False
+
+    def kill(self) -> None:
+        self.killed = True
+        if self._proc.returncode is None:
+            self._proc.kill()
+
+    async def reset(self) -> None:
+        """A reset from outside: the guest kernel gets no say, the device a reset."""
+        await (await self._qmp()).execute("system_reset")
+
+    async def ctrl_alt_del(self) -> None:
+        """Ctrl-Alt-Del on the keyboard: the guest kernel restarts itself, running its drivers'
+        shutdown hooks on the way."""
+        keys = [{"type": "qcode", "data": key} for key in ("ctrl", "alt", "delete")]
+        await (await self._qmp()).execute("send-key", {"keys": keys})
+
+    async def _qmp(self) -> Monitor:
+        if self._monitor is None:
+            self._monitor = await Monitor.open(self._qmp_socket)
+        return self._monitor
+
+    async def aclose(self) -> None:
+        if self._monitor is not None:
+            await self._monitor.aclose()
+
+
+# Called with every console event of a boot, in order, while the guest runs.
+FaultHook = Callable[[console.Event, Machine], Awaitable[None]]
 
 
 def qemu_argv(qemu: Path, profile: Profile, cpu: str, guest: GuestImage, initrd: Path,
               firmware_dirs: Sequence[Path], socket: Path | None,
-              iommu: Iommu | None = None, kernel_args: Sequence[str] = ()) -> list[str]:
+              iommu: Iommu | None = None, kernel_args: Sequence[str] = (),
+              qmp: Path | None = None) -> list[str]:
+    """QEMU's command line.  ``qmp``: a QMP socket for a fault hook, which may also reset the
+    guest, so the guest's own reboots (and its panics) then reboot it too."""
     argv = [str(qemu), "-no-user-config", "-nodefaults", "-readconfig", str(profile.readconfig),
-            "-cpu", cpu, "-display", "none", "-no-reboot", "-nic", "none"]
+            "-cpu", cpu, "-display", "none", "-nic", "none"]
+    # -no-reboot turns every reset into an exit, QMP's system_reset included.
+    argv += ["-qmp", f"unix:{qmp},server=on,wait=off"] if qmp else ["-no-reboot"]
     for directory in firmware_dirs:
         argv += ["-L", str(directory)]
     options = [KERNEL_CMDLINE, *([iommu.kernel_options] if iommu else []), *kernel_args]
@@ -315,12 +366,14 @@ async def _stop(proc: trio.Process) -> None:
             await proc.wait()
 
 
-async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None = None
-               ) -> GuestRun:
-    """Boot the guest, run ``spec.script`` in it and return what it reported.
+async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None = None,
+               faults: FaultHook | None = None) -> GuestRun:
+    """Boot the guest, run ``spec.script`` in it and return what it reported.  ``faults``
+    sees every console event with the running machine, to kill or reset it (fault tests).
 
     Raises a LaunchError subclass for every way a boot can fail before the
-    script's exit status is known; QEMU is stopped on every path out.
+    script's exit status is known, unless the hook killed QEMU; QEMU is stopped on every
+    path out.
     """
     profiles = load_profiles()
     if spec.profile not in profiles:
@@ -348,8 +401,10 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
     console_log = log_dir / "console.log"
     initrd = log_dir / "initrd.img"
     initrd.write_bytes(guest.initramfs.read_bytes() + script_archive(spec.script, spec.files))
+    qmp_socket = log_dir / "qmp.sock" if faults else None
     argv = qemu_argv(qemu, profile, cpu, guest, initrd, spec.firmware_dirs, spec.socket,
-                     spec.iommu, [*spec.kernel_args, f"vdsa.script_timeout={spec.script_seconds}"])
+                     spec.iommu, [*spec.kernel_args, f"vdsa.script_timeout={spec.script_seconds}"],
+                     qmp_socket)
     (log_dir / "qemu-argv.json").write_text(json.dumps(argv, indent=1) + "\n")
 
     transcript = console.Transcript()
@@ -361,6 +416,8 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
              console_log=str(console_log))
     proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    machine = Machine(proc, log_dir / "qmp.sock")
+    fault_events, pending_faults = trio.open_memory_channel[console.Event](float("inf"))
 
     async def read_console(sink: Any) -> None:
         assert proc.stdout is not None
@@ -391,6 +448,17 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
         sink.flush()
         if on_event is not None:
             on_event(event)
+        if faults is not None:
+            # A panicking guest would reboot for ever once resets are allowed.
+            if transcript.panicked:
+                machine.kill()
+            fault_events.send_nowait(event)
+
+    async def run_faults() -> None:
+        assert faults is not None
+        async for event in pending_faults:
+            if proc.returncode is None:
+                await faults(event, machine)
 
     async def read_stderr(sink: Any) -> None:
         assert proc.stderr is not None
@@ -422,6 +490,8 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
                 nursery.start_soon(read_stderr, errors)
                 async with trio.open_nursery() as watch:
                     watch.start_soon(bound_power_off)
+                    if faults is not None:
+                        watch.start_soon(run_faults)
                     await proc.wait()
                     watch.cancel_scope.cancel()
     except trio.TooSlowError:
@@ -431,6 +501,8 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
         ) from None
     finally:
         await _stop(proc)
+        with trio.CancelScope(shield=True):
+            await machine.aclose()
     seconds = round(time.monotonic() - started, 1)
     log.info("qemu.exit", returncode=proc.returncode, seconds=seconds,
              script_status=transcript.exit_status)
@@ -438,7 +510,10 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
     if transcript.panicked:
         raise GuestPanic(f"the guest kernel panicked ({_progress(transcript, guest)}); "
                          f"console log: {console_log}")
-    if transcript.exit_status is None:
+    exit_status = transcript.exit_status
+    if exit_status is None and machine.killed:
+        exit_status = KILLED_STATUS
+    if exit_status is None:
         raise QemuExited(
             f"QEMU exited with status {proc.returncode} before the guest script finished "
             f"({_progress(transcript, guest)}); "
@@ -446,9 +521,9 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
             returncode=proc.returncode, argv=argv, stderr="\n".join(stderr_tail),
         )
     return GuestRun(kernel=transcript.kernel, lines=transcript.lines, results=transcript.results,
-                    dmesg=transcript.dmesg, exit_status=transcript.exit_status,
+                    dmesg=transcript.dmesg, exit_status=exit_status,
                     console_log=console_log, seconds=seconds, qemu=caps,
-                    powered_off=powered_off)
+                    powered_off=powered_off, killed=machine.killed, boots=transcript.boots)
 
 
 def _progress(transcript: console.Transcript, guest: GuestImage) -> str:
