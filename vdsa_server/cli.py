@@ -190,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--json", type=Path, help="write the report to this JSON file")
     fuzz.add_argument("--log-dir", type=Path, help="where the server's log goes")
 
+    faults = sub.add_parser("faults", help="fault cycles against one `vdsa serve`: QEMU "
+                            "killed with copies in flight, guests reset under a busy WQ, "
+                            "clients killed mid-stream; every next user must pass its checks")
+    faults.add_argument("--qemu-kills", type=int, default=100, metavar="N",
+                        help="boots killed with SIGKILL while dmatest copies (default 100)")
+    faults.add_argument("--client-kills", type=int, default=100, metavar="N",
+                        help="vfio-user client processes killed with copies in flight in the "
+                        "mapped portals (default 100)")
+    faults.add_argument("--no-reboots", action="store_true",
+                        help="skip the two resets under a busy WQ (system_reset, Ctrl-Alt-Del)")
+    faults.add_argument("--seed", type=int, default=0, help="seed of the client kill delays")
+    _add_kernel(faults)
+    faults.add_argument("--log-dir", type=Path, help="where the server's and the boots' logs go")
+    faults.add_argument("--json", action="store_true", help="print the report as JSON")
+
     demo = sub.add_parser("demo", help="the main job: serve a virtual DSA, boot a guest that "
                           "checks the platform, configures the DSA with the stock driver and "
                           "runs dmatest on it")
@@ -398,6 +413,31 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _faults(args: argparse.Namespace) -> int:
+    from vdsa_server.reliability.faults import FaultError, FaultPlan, Reboot, run_faults
+
+    plan = FaultPlan(qemu_kills=args.qemu_kills, client_kills=args.client_kills,
+                     reboots=() if args.no_reboots else tuple(Reboot), seed=args.seed)
+    log_dir = _log_dir(args.log_dir, "vdsa-faults-")
+    report = None
+    try:
+        report = trio.run(run_faults, plan, _guest(args), log_dir)
+    except* FaultError as failed:
+        for leaf in _leaves(failed):
+            print(f"vdsa faults: FAILED: {leaf}", file=sys.stderr)
+    if report is None:
+        print(f"logs: {log_dir}", file=sys.stderr)
+        return 1
+    figures = report.as_dict()
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        for name, value in figures.items():
+            print(f"{name}: {value}")
+    print(f"logs: {log_dir}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     vdsa_log.configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
@@ -425,6 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "fuzz":
             return _fuzz(args)
+        if args.command == "faults":
+            return _faults(args)
         return _boot(args)
     except KeyboardInterrupt:
         return 128 + 2
