@@ -205,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--log-dir", type=Path, help="where the server's and the boots' logs go")
     faults.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    soak = sub.add_parser("soak", help="for N minutes: verified dmatest in a guest and checked "
+                          "harness streams, each on its own `vdsa serve`, whose memory and fds "
+                          "are sampled; exit 1 on a failure or steady growth")
+    soak.add_argument("--minutes", type=_positive, required=True, help="how long to soak")
+    soak.add_argument("--engine", choices=("release", "sanitized"), default="release",
+                      help="the servers' engine and libvfio-user (default release: memory "
+                      "figures under ASan's quarantine say little)")
+    soak.add_argument("--sample-seconds", type=_positive, default=5.0,
+                      help="seconds between samples of the servers (default 5)")
+    soak.add_argument("--max-drift-mib", type=_positive, default=16.0,
+                      help="resident memory a server may gain after the warm-up (default 16)")
+    _add_kernel(soak)
+    soak.add_argument("--log-dir", type=Path, help="where the servers' and the guest's logs go")
+    soak.add_argument("--json", action="store_true", help="print the report as JSON")
+
     demo = sub.add_parser("demo", help="the main job: serve a virtual DSA, boot a guest that "
                           "checks the platform, configures the DSA with the stock driver and "
                           "runs dmatest on it")
@@ -438,6 +453,27 @@ def _faults(args: argparse.Namespace) -> int:
     return 0
 
 
+def _soak(args: argparse.Namespace) -> int:
+    from vdsa_server.bench.serving import release_environment, sanitized_environment
+    from vdsa_server.reliability.drift import MiB
+    from vdsa_server.reliability.soak import SoakPlan, run_soak
+
+    plan = SoakPlan(minutes=args.minutes, sample_seconds=args.sample_seconds,
+                    max_rss_drift=int(args.max_drift_mib * MiB))
+    env = release_environment() if args.engine == "release" else sanitized_environment()
+    log_dir = _log_dir(args.log_dir, "vdsa-soak-")
+    report = trio.run(run_soak, plan, _guest(args), log_dir, env).as_dict()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, value in report.items():
+            print(f"{name}: {value}")
+    for failure in report["failures"]:
+        print(f"vdsa soak: FAILED: {failure}", file=sys.stderr)
+    print(f"logs: {log_dir}", file=sys.stderr)
+    return 0 if report["passed"] else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     vdsa_log.configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
@@ -467,6 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fuzz(args)
         if args.command == "faults":
             return _faults(args)
+        if args.command == "soak":
+            return _soak(args)
         return _boot(args)
     except KeyboardInterrupt:
         return 128 + 2

@@ -384,6 +384,15 @@ class OperationCase:
     verify: Callable[[], bool] = lambda: True
 
 
+def checked_operations(bench: Bench, size: int) -> list[OperationCase]:
+    """The operation cases at ``size``, with what their checks need prepared in memory: the
+    host's CRC of SRC, and SRC's bytes in dest(1) for the compare."""
+    bench.host.time_ns(HostOp.CRC32C, 0, bench.address(SRC, size), size, 1)
+    crc = ~bench.host.result() & 0xFFFF_FFFF  # ISA-L's register is the uninverted CRC
+    bench.memory.write(dest(1), bench.memory.read(SRC, size))
+    return _operations(bench.memory, size, crc)
+
+
 def _operations(memory: GuestMemory, size: int, crc: int) -> list[OperationCase]:
     expected_dif = memory.read(PROTECTED, protected_size(size))
     fill = bytes([FILL_PATTERN & 0xFF]) * size
@@ -419,10 +428,7 @@ async def operation_cases(bench: Bench, sizes: Sequence[int]) -> list[Measuremen
     memory = bench.memory
     suffix = _portal_suffix(bench)
     for size in sizes:
-        bench.host.time_ns(HostOp.CRC32C, 0, bench.address(SRC, size), size, 1)
-        crc = ~bench.host.result() & 0xFFFF_FFFF  # ISA-L's register is the uninverted CRC
-        memory.write(dest(1), memory.read(SRC, size))
-        for case in _operations(memory, size, crc):
+        for case in checked_operations(bench, size):
             memory.write(dest(0), bytes(protected_size(size) or size))
             result = await bench.throughput(case.work)
             if not case.verify():

@@ -46,6 +46,15 @@ def sanitized_environment() -> dict[str, str]:
     }
 
 
+def release_environment() -> dict[str, str]:
+    """This environment with the release engine and libvfio-user, and no sanitizer runtime:
+    what a user's `vdsa serve` runs (memory figures mean nothing under ASan's quarantine)."""
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in (ENV_LIBRARY, "LD_PRELOAD", "LD_LIBRARY_PATH")}
+    environment[ENV_ENGINE] = str(engine_artifact().path / Variant.RELEASE.filename)
+    return environment
+
+
 @contextlib.asynccontextmanager
 async def serving(socket: Path, log_file: Path, env: Mapping[str, str] | None = None,
                   options: Sequence[str] = ()) -> AsyncIterator[trio.Process]:
