@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import trio
 
 from vdsa_server.device.engine_port import WqSettings
 from vdsa_server.engine import ENV_ENGINE, Engine, load_engine
@@ -160,6 +161,48 @@ def test_drain_waits_for_work_in_progress(rig: Rig) -> None:
     rig.submit(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 32), slot=1)
     rig.engine.drain_wq(0)
     assert (rig.status(0), rig.status(1)) == (1, 1)
+
+
+def three_engines() -> Engine:
+    engine = Engine(num_wqs=1, num_msix=2)
+    engine.enable_wq(0, WqSettings(size=16, priority=1, engines=0b111,
+                                   max_transfer_size=2 << 20, max_batch_size=1024))
+    return engine
+
+
+def test_drain_descriptor_does_not_wait_for_later_ones() -> None:
+    """A, a drain, then B, four times A's work, on three engines: the drain completes when A
+    does, while B still runs (a guest that keeps submitting cannot hold a drain up)."""
+    with three_engines() as engine:
+        rig = Rig(engine)
+        rig.submit(0, long_batch(rig, 0, entries=64))
+        rig.submit(0, descriptor(OP_DRAIN, COMPLETE, record=RECORD + 32), slot=1)
+        rig.submit(0, long_batch(rig, 2, entries=256), slot=2)
+        assert rig.wait_status(1) == 1
+        assert (rig.status(0), rig.status(2)) == (1, 0)
+        assert rig.wait_status(2) == 1
+
+
+async def test_drain_command_does_not_wait_for_later_work() -> None:
+    with three_engines() as engine:
+        rig = Rig(engine)
+        rig.submit(0, long_batch(rig, 0, entries=512))
+        async with trio.open_nursery() as nursery:
+            drained = trio.Event()
+
+            async def drain() -> None:
+                await trio.to_thread.run_sync(engine.drain_wq, 0)
+                drained.set()
+
+            nursery.start_soon(drain)
+            # Time for the drain's thread to take the lock and note what came before it;
+            # B, twice A, then ends well after A.
+            await trio.sleep(0.1)
+            assert not rig.status(0), "A ended before B came: make it longer"
+            rig.submit(0, long_batch(rig, 2, entries=1024), slot=2)
+            await drained.wait()
+            assert (rig.status(0), rig.status(2)) == (1, 0)
+        assert rig.wait_status(2) == 1
 
 
 def test_drain_descriptor_waits_for_earlier_ones() -> None:

@@ -11,6 +11,11 @@
 #define PORTALS_PER_WQ 4u
 #define SLOTS_PER_PAGE (PORTAL_PAGE / DESC_SIZE)
 #define ERROR_QUEUE 64u
+/* Threads that can run a WQ's descriptors at once: one per engine (the poller runs for a
+ * lent engine, whose worker sleeps) and disable's caller always find a place; callers of
+ * execute() share the rest. */
+#define MAX_RUNNING (VDSA_MAX_ENGINES + 8)
+#define EXECUTE_RUNNING (MAX_RUNNING - VDSA_MAX_ENGINES - 1)
 /* Messages one vdsa_engine_vfu_run handles at most: two MOVDIR64Bs, so that interrupts held
  * back while libvfio-user runs wait for little. */
 #define RUN_BURST 16
@@ -26,8 +31,12 @@ struct wq {
 	uint8_t (*ring)[DESC_SIZE]; /* config.size slots */
 	uint32_t head;
 	uint32_t count;
-	uint32_t inflight; /* taken by a worker or execute(), not yet done */
-	uint32_t drain_waiters; /* DRAIN descriptors among them, waiting */
+	/* Every accepted descriptor gets the next sequence number; the queue holds
+	 * [accepted - count, accepted) in order, and running[] the ones taken and not yet
+	 * done. A drain waits only for numbers below its own. */
+	uint64_t accepted;
+	uint64_t running[MAX_RUNNING];
+	uint32_t inflight; /* entries of running[] */
 	atomic_bool abort;
 	struct vdsa_wq_counters counters;
 	struct partial partial[PORTALS_PER_WQ][SLOTS_PER_PAGE];
@@ -162,17 +171,42 @@ void engine_report_error(struct vdsa_engine *engine, const struct vdsa_swerr *er
 	eventfd_write(engine->error_fd, 1);
 }
 
-void engine_drain_wait(struct vdsa_engine *engine, uint32_t wq_index)
+/* Whether wq still has a descriptor accepted before sequence number `seq`, queued or
+ * running. Caller holds the lock. */
+static bool pending_before(const struct wq *wq, uint64_t seq)
 {
-	struct wq *wq = &engine->wqs[wq_index];
+	if (wq->count && wq->accepted - wq->count < seq)
+		return true;
+	for (uint32_t i = 0; i < wq->inflight; i++)
+		if (wq->running[i] < seq)
+			return true;
+	return false;
+}
+
+void engine_drain_wait(const struct exec_context *ctx)
+{
+	struct vdsa_engine *engine = ctx->engine;
 
 	pthread_mutex_lock(&engine->lock);
-	wq->drain_waiters++;
-	while (wq->inflight > wq->drain_waiters)
+	while (pending_before(&engine->wqs[ctx->wq], ctx->seq))
 		pthread_cond_wait(&engine->idle, &engine->lock);
-	wq->drain_waiters--;
-	pthread_cond_broadcast(&engine->idle);
 	pthread_mutex_unlock(&engine->lock);
+}
+
+/* Caller holds the lock. */
+static void start_running(struct wq *wq, uint64_t seq)
+{
+	wq->running[wq->inflight++] = seq;
+}
+
+static void stop_running(struct wq *wq, uint64_t seq)
+{
+	for (uint32_t i = 0; i < wq->inflight; i++) {
+		if (wq->running[i] == seq) {
+			wq->running[i] = wq->running[--wq->inflight];
+			return;
+		}
+	}
 }
 
 /* --- Workers ---------------------------------------------------------------------------- */
@@ -205,17 +239,18 @@ static struct wq *pick(struct vdsa_engine *engine, uint32_t index, uint32_t *wq_
 	return best;
 }
 
-static void run_taken(struct vdsa_engine *engine, uint32_t w, const uint8_t *descriptor)
+static void run_taken(struct vdsa_engine *engine, uint32_t w, const uint8_t *descriptor,
+		      uint64_t seq)
 {
 	struct wq *wq = &engine->wqs[w];
-	struct exec_context ctx = { engine, w, &wq->config, &wq->abort };
+	struct exec_context ctx = { engine, w, &wq->config, &wq->abort, seq };
 
 	bool failed = execute_descriptor(&ctx, descriptor);
 
 	pthread_mutex_lock(&engine->lock);
 	wq->counters.completed++;
 	wq->counters.errors += failed;
-	wq->inflight--;
+	stop_running(wq, seq);
 	pthread_cond_broadcast(&engine->idle);
 	pthread_mutex_unlock(&engine->lock);
 }
@@ -225,13 +260,14 @@ static void run_next(struct vdsa_engine *engine, uint32_t w)
 {
 	struct wq *wq = &engine->wqs[w];
 	uint8_t descriptor[DESC_SIZE];
+	uint64_t seq = wq->accepted - wq->count;
 
 	memcpy(descriptor, wq->ring[wq->head], DESC_SIZE);
 	wq->head = (wq->head + 1) % wq->config.size;
 	wq->count--;
-	wq->inflight++;
+	start_running(wq, seq);
 	pthread_mutex_unlock(&engine->lock);
-	run_taken(engine, w, descriptor);
+	run_taken(engine, w, descriptor, seq);
 	pthread_mutex_lock(&engine->lock);
 }
 
@@ -363,7 +399,17 @@ static int wq_locked(struct vdsa_engine *engine, uint32_t w,
 
 int vdsa_engine_wq_drain(struct vdsa_engine *engine, uint32_t w)
 {
-	return wq_locked(engine, w, wait_idle);
+	struct wq *wq;
+
+	if (w >= engine->config.num_wqs)
+		return -EINVAL;
+	wq = &engine->wqs[w];
+	pthread_mutex_lock(&engine->lock);
+	/* What was accepted before the command, not what a busy guest adds meanwhile. */
+	for (uint64_t before = wq->accepted; pending_before(wq, before);)
+		pthread_cond_wait(&engine->idle, &engine->lock);
+	pthread_mutex_unlock(&engine->lock);
+	return 0;
 }
 
 int vdsa_engine_wq_abort(struct vdsa_engine *engine, uint32_t w)
@@ -408,6 +454,7 @@ int vdsa_engine_get_counters(struct vdsa_engine *engine, uint32_t w,
 int vdsa_engine_execute(struct vdsa_engine *engine, uint32_t w, const void *descriptor)
 {
 	uint8_t copy[DESC_SIZE];
+	uint64_t seq;
 
 	if (w >= engine->config.num_wqs)
 		return -EINVAL;
@@ -417,10 +464,13 @@ int vdsa_engine_execute(struct vdsa_engine *engine, uint32_t w, const void *desc
 		pthread_mutex_unlock(&engine->lock);
 		return -EINVAL;
 	}
+	while (engine->wqs[w].inflight >= EXECUTE_RUNNING)
+		pthread_cond_wait(&engine->idle, &engine->lock);
 	engine->wqs[w].counters.submitted++;
-	engine->wqs[w].inflight++;
+	seq = engine->wqs[w].accepted++;
+	start_running(&engine->wqs[w], seq);
 	pthread_mutex_unlock(&engine->lock);
-	run_taken(engine, w, copy);
+	run_taken(engine, w, copy, seq);
 	return 0;
 }
 
@@ -457,6 +507,7 @@ static void enqueue(struct vdsa_engine *engine, struct wq *wq, const uint8_t *de
 	}
 	memcpy(wq->ring[(wq->head + wq->count) % wq->config.size], descriptor, DESC_SIZE);
 	wq->count++;
+	wq->accepted++;
 	wq->counters.submitted++;
 	if (wake)
 		wake_engines(engine, wq->config.engines, 1);

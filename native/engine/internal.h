@@ -71,6 +71,7 @@ struct exec_context {
 	uint32_t wq;
 	const struct vdsa_wq_config *wq_config;
 	const atomic_bool *abort; /* set: stop between batch entries */
+	uint64_t seq; /* the descriptor's place in its WQ's order of acceptance */
 };
 
 /* Validates and executes one descriptor taken from a WQ, then completes it (record,
@@ -85,8 +86,9 @@ struct dma_table *engine_dma(struct vdsa_engine *engine);
 bool engine_opcode_supported(const struct vdsa_engine *engine, uint8_t opcode);
 bool engine_int_handle_valid(struct vdsa_engine *engine, uint16_t handle);
 void engine_report_error(struct vdsa_engine *engine, const struct vdsa_swerr *error);
-/* A drain descriptor: wait until only the caller is in progress on wq. */
-void engine_drain_wait(struct vdsa_engine *engine, uint32_t wq);
+/* A drain descriptor (ctx->seq): wait until every descriptor its WQ accepted before it is
+ * done; later ones do not hold it up. */
+void engine_drain_wait(const struct exec_context *ctx);
 /* Bit n set: WQ n is enabled (read without the lock; the sweep only needs a hint). */
 uint64_t engine_enabled_wqs(struct vdsa_engine *engine);
 

@@ -871,7 +871,7 @@ static uint32_t run(struct job *job, uint8_t op)
 	case OP_DRAIN:
 		/* Earlier descriptors may wait for the DMA lock behind an unmap: not held here. */
 		pthread_rwlock_unlock((pthread_rwlock_t *)&job->dma->lock);
-		engine_drain_wait(job->ctx->engine, job->ctx->wq);
+		engine_drain_wait(job->ctx);
 		pthread_rwlock_rdlock((pthread_rwlock_t *)&job->dma->lock);
 		return ST_SUCCESS;
 	case OP_MEMMOVE:
