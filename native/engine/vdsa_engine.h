@@ -84,7 +84,8 @@ int vdsa_engine_dma_map(struct vdsa_engine *engine, uint64_t iova, uint64_t leng
 			void *vaddr, uint32_t prot);
 int vdsa_engine_dma_unmap(struct vdsa_engine *engine, uint64_t iova, uint64_t length);
 
-/* WQs. disable/drain wait for every descriptor taken before the call; abort drops the
+/* WQs. disable waits until the WQ is empty; drain waits for every descriptor the WQ
+ * accepted before the call (not for those a busy client adds meanwhile); abort drops the
  * queued ones (no completion) and waits for those in progress, which stop early. */
 int vdsa_engine_wq_enable(struct vdsa_engine *engine, uint32_t wq,
 			  const struct vdsa_wq_config *config);
