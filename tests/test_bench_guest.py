@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from vdsa_server.bench.guest import GuestBenchError, GuestBenchPlan, iommu_cost, measure
+from vdsa_server.bench.guest import (
+    GuestBenchError,
+    GuestBenchPlan,
+    iommu_cost,
+    measure,
+    portal_measurements,
+)
 from vdsa_server.launch.launcher import GuestRun, Iommu, QemuCapabilities
 
 PLAN = GuestBenchPlan(threads=2, iterations=100, size=4096, copies=1000)
@@ -107,7 +113,7 @@ def test_a_plan_needs_positive_counts(field: str) -> None:
 
 
 def test_the_plan_is_bench_sh_with_arguments() -> None:
-    assert PLAN.script == b"sh /vdsa/bench.sh 2 100 4096 1000\n"
+    assert PLAN.script == b"sh /vdsa/bench.sh 2 100 4096 1000 2\n"
 
 
 @pytest.mark.parametrize("mode", list(Iommu))
@@ -122,3 +128,34 @@ def test_the_viommu_cost_is_dmatest_behind_it_against_without(mode: Iommu) -> No
     assert cost.reference == "the same dmatest without a vIOMMU"
     assert cost.ratio == 0.25
     assert cost.extra == {"iops": 500.0, "reference_iops": 2000.0}
+
+
+def portal_results(size: int, **changed: str) -> dict[str, str]:
+    found = {"size": str(size), "window": "16", "descriptors": "30000", "failed": "0",
+             "lost": "0", "wrong_data": "0", "seconds": "2.000", "rate": "15000",
+             "memcpy_copies": "4000000", "memcpy_seconds": "2.000", "memcpy_rate": "2000000"}
+    found.update(changed)
+    return {f"bench.portal.{size}.{name}": value for name, value in found.items()}
+
+
+def test_the_portal_submitter_gives_a_rate_beside_memcpy_at_each_size() -> None:
+    found = results() | portal_results(64) | portal_results(4096)
+    small, page = portal_measurements(guest_run(found), PLAN)
+    assert small.case == "user-space submitter (resource2, MOVDIR64B), memmove 64 B"
+    assert page.case == "user-space submitter (resource2, MOVDIR64B), memmove 4 KiB"
+    assert (small.unit, small.value, small.reference_value) == ("descriptors/s", 15000, 2000000)
+
+
+@pytest.mark.parametrize("changed", [{"lost": "1"}, {"failed": "2"}, {"wrong_data": "1"},
+                                     {"descriptors": "0"}, {"rate": "fast"}])
+def test_a_portal_run_that_lost_failed_or_miscopied_gives_no_figure(
+        changed: dict[str, str]) -> None:
+    found = results() | portal_results(64, **changed) | portal_results(4096)
+    with pytest.raises(GuestBenchError, match="portal"):
+        portal_measurements(guest_run(found), PLAN)
+
+
+def test_no_portal_figures_when_the_plan_runs_none() -> None:
+    plan = GuestBenchPlan(threads=2, iterations=100, size=4096, copies=1000, portal_seconds=0)
+    assert portal_measurements(guest_run(results()), plan) == []
+    assert plan.script.decode().split()[-1] == "0"

@@ -19,7 +19,7 @@ from vdsa_server.launch.launcher import QEMU_STDERR
 pytestmark = pytest.mark.boot
 
 # Not dmatest's default buffer size, so that the size is seen to reach both halves.
-PLAN = GuestBenchPlan(threads=2, iterations=300, size=8192, copies=5000)
+PLAN = GuestBenchPlan(threads=2, iterations=300, size=8192, copies=5000, portal_seconds=1)
 # dmatest's figures are whole KB/s and rates with two decimals, summed over the threads.
 TOLERANCE = 0.01
 
@@ -39,7 +39,8 @@ def test_dmatest_ran_on_the_idxd_channel_without_verification(bench: GuestBench)
     assert bench.run.exit_status == 0, context(bench)
     checks = {name: value for name, value in results.items() if name.startswith("bench.check.")}
     assert set(checks) >= {"bench.check.modprobe", "bench.check.configure", "bench.check.enable",
-                           "bench.check.params", "bench.check.dmatest", "bench.check.memcpy"}
+                           "bench.check.params", "bench.check.dmatest", "bench.check.memcpy",
+                           "bench.check.portal_64", "bench.check.portal_4096"}
     assert set(checks.values()) == {"pass"}, checks
     assert results["bench.dma_channels"].split() == [CHANNEL]
     assert results["bench.dmatest.channel"] == CHANNEL
@@ -68,7 +69,7 @@ def test_every_copy_completes_without_failure(bench: GuestBench) -> None:
 
 
 def test_figures_are_positive_and_consistent(bench: GuestBench) -> None:
-    [measurement] = bench.measurements
+    measurement = bench.measurements[0]
     assert (measurement.group, measurement.unit) == ("guest", "MB/s")
     assert measurement.case == "dmatest memcpy 8 KiB, no verify, 2 threads"
     extra = measurement.extra
@@ -83,6 +84,21 @@ def test_figures_are_positive_and_consistent(bench: GuestBench) -> None:
     assert int(results["bench.memcpy.bytes"]) == PLAN.copies * PLAN.size
     assert int(results["bench.memcpy.kbps"]) == pytest.approx(
         PLAN.copies * PLAN.size / KB / float(results["bench.memcpy.seconds"]), rel=TOLERANCE)
+
+
+def test_the_portal_submitter_ran_at_both_sizes_beside_memcpy(bench: GuestBench) -> None:
+    portals = bench.measurements[1:]
+    assert [m.case for m in portals] == [
+        "user-space submitter (resource2, MOVDIR64B), memmove 64 B",
+        "user-space submitter (resource2, MOVDIR64B), memmove 4 KiB"]
+    for measurement in portals:
+        assert measurement.unit == "descriptors/s"
+        assert measurement.value > 0
+        assert measurement.reference_value > 0
+        # Rate is what completed over the time it took.
+        assert measurement.value == pytest.approx(
+            measurement.extra["descriptors"] / measurement.extra["seconds"], rel=TOLERANCE)
+        assert measurement.extra["seconds"] >= PLAN.portal_seconds
 
 
 def test_logs_stay_in_the_log_dir(bench: GuestBench) -> None:

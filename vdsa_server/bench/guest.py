@@ -1,7 +1,9 @@
 """The guest benchmark: in one boot with vdsa's own server, the kernel's dmatest copies memory
 through the idxd dmaengine channel of the virtual DSA (whole-buffer copies, not verified), then the
 same guest's CPU copies buffers of the same size with memcpy (``guest-scripts/bench.sh``, which
-runs ``dmatest.sh`` in bench mode and ``native/guest/memcpy_bench.c``).
+runs ``dmatest.sh`` in bench mode and ``native/guest/memcpy_bench.c``); then a user-space
+submitter stores 64 B and 4 KiB memmoves into the portal at full rate beside the CPU's memcpy
+of the same size (``native/guest/portal_bench.c``).
 
 Both report KB/s with dmatest's KB of 1024 bytes; the measurements are in MB/s of 10^6 bytes.
 Figures from a run that failed, lost copies or missed a result are an error, never figures.
@@ -9,6 +11,7 @@ Figures from a run that failed, lost copies or missed a result are an error, nev
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,9 @@ MB = 1_000_000
 CHANNEL = "dma0chan0"
 DMATEST_FIGURES = ("threads", "tests", "failures", "iops", "kbps")
 MEMCPY_FIGURES = ("size", "copies", "bytes", "seconds", "iops", "kbps")
+PORTAL_SIZES = (64, 4096)
+PORTAL_FIGURES = ("size", "window", "descriptors", "failed", "lost", "wrong_data", "seconds",
+                  "rate", "memcpy_copies", "memcpy_seconds", "memcpy_rate")
 LAST_LINES = 15
 
 
@@ -54,22 +60,25 @@ class GuestBench:
 @dataclass(frozen=True)
 class GuestBenchPlan:
     """``threads`` dmatest threads of ``iterations`` copies, then ``copies`` CPU memcpys, all of
-    ``size`` bytes.  The defaults are bench.sh's: each half takes a few seconds under TCG."""
+    ``size`` bytes; then ``portal_seconds`` of each portal submitter size and of its memcpy
+    (0: none).  The defaults are bench.sh's: each half takes a few seconds under TCG."""
 
     threads: int = 4
     iterations: int = 2000
     size: int = 16384
     copies: int = 50000
+    portal_seconds: int = 2
 
     def __post_init__(self) -> None:
-        bad = [name for name, value in vars(self).items() if value < 1]
+        bad = [name for name, value in vars(self).items()
+               if value < (0 if name == "portal_seconds" else 1)]
         if bad:
             raise ValueError(f"{', '.join(bad)} must be positive: {self}")
 
     @property
     def script(self) -> bytes:
         """The guest script: bench.sh with this plan."""
-        args = f"{self.threads} {self.iterations} {self.size} {self.copies}"
+        args = f"{self.threads} {self.iterations} {self.size} {self.copies} {self.portal_seconds}"
         return f"sh /vdsa/bench.sh {args}\n".encode()
 
 
@@ -90,6 +99,9 @@ async def run_guest_bench(
     missing, and what :func:`~vdsa_server.launch.launcher.boot` raises if the boot does.
     """
     plan = plan or GuestBenchPlan()
+    if iommu is not None:
+        # The portal submitter writes guest-physical addresses, which a vIOMMU would fault.
+        plan = dataclasses.replace(plan, portal_seconds=0)
     # The server's socket goes there before the launcher would create it.
     await trio.Path(log_dir).mkdir(parents=True, exist_ok=True)
     files = {name: (SCRIPTS / name).read_bytes() for name in ("bench.sh", "dmatest.sh")}
@@ -99,10 +111,12 @@ async def run_guest_bench(
              size=plan.size, copies=plan.copies, log_dir=str(log_dir))
     run = await boot_with_server(spec, config or DeviceConfig(), on_event)
     measurement = measure(run, plan, iommu)
+    portals = portal_measurements(run, plan)
     log.info("bench.guest.done", dmatest_mb_s=round(measurement.value, 1),
-             memcpy_mb_s=round(measurement.reference_value, 1), boot_seconds=run.seconds,
+             memcpy_mb_s=round(measurement.reference_value, 1),
+             portal_rates=[round(m.value) for m in portals], boot_seconds=run.seconds,
              console_log=str(run.console_log))
-    return GuestBench([measurement], run)
+    return GuestBench([measurement, *portals], run)
 
 
 def measure(run: GuestRun, plan: GuestBenchPlan, iommu: Iommu | None = None) -> Measurement:
@@ -149,6 +163,29 @@ def measure(run: GuestRun, plan: GuestBenchPlan, iommu: Iommu | None = None) -> 
                "failures": dmatest["failures"], "reference_iops": memcpy["iops"],
                "reference_copies": memcpy["copies"], "reference_seconds": memcpy["seconds"]},
     )
+
+
+def portal_measurements(run: GuestRun, plan: GuestBenchPlan) -> list[Measurement]:
+    """The portal submitter's figures of a finished bench boot (none if the plan ran none);
+    ``measure`` has checked the run's steps."""
+    if not plan.portal_seconds:
+        return []
+    where = f"(console log: {run.console_log})"
+    measurements = []
+    for size in PORTAL_SIZES:
+        found = _figures(run, f"bench.portal.{size}", PORTAL_FIGURES, where)
+        bad = {name: found[name] for name in ("failed", "lost", "wrong_data") if found[name]}
+        if bad or found["size"] != size or not found["descriptors"]:
+            raise GuestBenchError(f"the portal submitter at {size} B did not run cleanly: "
+                                  f"{found} {where}")
+        label = f"{size // KB} KiB" if size >= KB else f"{size} B"
+        measurements.append(Measurement(
+            group="guest", case=f"user-space submitter (resource2, MOVDIR64B), memmove {label}",
+            unit="descriptors/s", value=found["rate"],
+            reference=f"guest CPU memcpy {label}, copies/s", reference_value=found["memcpy_rate"],
+            extra={"descriptors": found["descriptors"], "window": found["window"],
+                   "seconds": found["seconds"], "reference_copies": found["memcpy_copies"]}))
+    return measurements
 
 
 def iommu_cost(without: Measurement, behind: Measurement, iommu: Iommu) -> Measurement:

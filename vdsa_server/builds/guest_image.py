@@ -68,6 +68,7 @@ GUEST_PROGRAMS = {
     "memcpy-bench": "memcpy_bench.c",
     "portal-race": "portal_race.c",
     "hostile-guest": "hostile_guest.c",
+    "portal-bench": "portal_bench.c",
 }
 
 PACKAGE_DIR = Path(__file__).resolve().parent
