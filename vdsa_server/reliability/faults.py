@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -90,7 +91,11 @@ class FaultReport:
         return {
             "qemu_kills": self.qemu_kills, "reboots": self.reboots,
             "client_kills": self.client_kills, "final_boot_passed": self.final_boot,
-            "boot_seconds": self.boot_seconds,
+            "boot_seconds": {
+                "boots": len(self.boot_seconds),
+                "min": min(self.boot_seconds, default=0.0),
+                "median": statistics.median(self.boot_seconds) if self.boot_seconds else 0.0,
+                "max": max(self.boot_seconds, default=0.0)},
             "server_fds": {"baseline": self.baseline.open_fds if self.baseline else None,
                            "after": self.after.open_fds if self.after else None},
             "server_rss_bytes": {"baseline": self.baseline.rss_bytes if self.baseline else None,
