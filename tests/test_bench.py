@@ -19,6 +19,7 @@ from tests.conftest import vdsa_env
 from tests.engine_reference import crc16_t10dif, crc32c
 from tests.test_engine_protocol import server_process
 from vdsa_server.bench.harness import (
+    DMA_MAP_IOVA,
     MEMORY,
     MEMORY_SIZE,
     SRC,
@@ -29,6 +30,7 @@ from vdsa_server.bench.harness import (
     Work,
     _crc_check,
     dest,
+    dma_map_case,
 )
 from vdsa_server.bench.hostref import HostOp, HostReference
 from vdsa_server.bench.results import Measurement
@@ -141,6 +143,17 @@ async def test_a_wrong_device_result_is_an_error_not_a_figure(bench: Bench) -> N
         await bench.throughput(work)
 
 
+async def test_the_dma_map_case_leaves_nothing_mapped(bench: Bench) -> None:
+    """Every pair's unmap removes its map: afterwards a descriptor to that IOVA faults."""
+    measurement = await dma_map_case(bench)
+    assert measurement.value > 0
+    assert measurement.extra["completed"] > 0
+    work = Work(DsaOpcode.MEMMOVE, 64, {"src_addr": DMA_MAP_IOVA, "dst_addr": dest(0),
+                                        "xfer_size": 64})
+    with pytest.raises(BenchError, match="completion status 0x3"):
+        await bench.throughput(work)
+
+
 async def test_a_failed_descriptor_is_an_error_not_a_figure(bench: Bench) -> None:
     unmapped = MEMORY + MEMORY_SIZE
     work = Work(DsaOpcode.MEMMOVE, 64, {"src_addr": unmapped, "dst_addr": dest(0),
@@ -157,6 +170,7 @@ HARNESS_CASES = {
                    for op in ("fill", "compare", "CRC32C", "copy with CRC32C", "DIF insert",
                               "DIF check")],
     "batch": ["batch of 32 x 4 KiB memmove"],
+    "vIOMMU": ["DMA_MAP + DMA_UNMAP of a 4 KiB page"],
     "latency": [f"latency 64 B memmove, {mode}, {p}" for mode in ("interrupt", "polling")
                 for p in ("p50", "p99")],
     "scaling": [f"memmove {s} on {n}" for s in ("64 KiB", "1 MiB")

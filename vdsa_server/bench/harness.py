@@ -18,7 +18,7 @@ import mmap
 import os
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from vdsa_server.client.driver import (
     make_descriptor,
     vector_of,
 )
+from vdsa_server.client.protocol import Command, DmaMapFlag, encode_dma_map, encode_dma_unmap
 from vdsa_server.device.descriptors import (
     DsaCompletionRecord,
     DsaCompStatus,
@@ -65,6 +66,9 @@ PROTECTED = MEMORY + 3 * MiB  # SRC's first MiB with a DIF after each block (hos
 EXPECTED = MEMORY + 5 * MiB  # what the host made of SRC, for the device's result to equal
 DESTINATIONS = MEMORY + 8 * MiB  # one 4 MiB destination per WQ
 DESTINATION_SIZE = 4 * MiB
+# Pages QEMU maps one by one for a vIOMMU guest: in dest(3), at an IOVA nothing else uses.
+DMA_MAP_PAGE = 4 * KiB
+DMA_MAP_IOVA = 0x40_0000_0000
 FILL_PATTERN = 0x5A5A_5A5A_5A5A_5A5A  # one repeated byte, so host memset does the same work
 
 # Topology: WQ n in group n with engine n, all enabled; the default device has 4 engines.
@@ -442,6 +446,47 @@ async def operation_cases(bench: Bench, sizes: Sequence[int]) -> list[Measuremen
     return measurements
 
 
+async def _timed_requests(bench: Bench, one: Callable[[int], Awaitable[None]]) -> StreamResult:
+    """``one(i)`` for i = 0, 1, ... for the plan's seconds, with both sides' CPU time."""
+    done = 0
+    clock = bench.cpu.read()
+    start = time.perf_counter()
+    deadline = start + bench.plan.seconds
+    while time.perf_counter() < deadline:
+        await one(done)
+        done += 1
+    seconds = time.perf_counter() - start
+    client_cpu, server_cpu = bench.cpu.read()
+    return StreamResult(done, seconds, client_cpu - clock[0], server_cpu - clock[1])
+
+
+async def dma_map_case(bench: Bench) -> Measurement:
+    """What a vIOMMU guest costs per page it maps for DMA: QEMU sends a DMA_MAP (with the
+    guest-RAM fd) and later a DMA_UNMAP, one 4 KiB page each; here the pair against the
+    cheapest round trip there is, a 4-byte config-space read, in the same run."""
+    client, memory = bench.driver.client, bench.memory
+    pages = DESTINATION_SIZE // DMA_MAP_PAGE
+
+    async def pair(i: int) -> None:
+        offset = dest(3) - memory.iova + i % pages * DMA_MAP_PAGE
+        iova = DMA_MAP_IOVA + i % pages * DMA_MAP_PAGE
+        await client.request(Command.DMA_MAP, encode_dma_map(
+            iova, DMA_MAP_PAGE, DmaMapFlag.READ | DmaMapFlag.WRITE, offset), fds=[memory.fd])
+        await client.request(Command.DMA_UNMAP, encode_dma_unmap(iova, DMA_MAP_PAGE))
+
+    async def config_read(_i: int) -> None:
+        await client.config_read(0, 4)
+
+    pairs = await _timed_requests(bench, pair)
+    reads = await _timed_requests(bench, config_read)
+    return Measurement(
+        group="vIOMMU", case="DMA_MAP + DMA_UNMAP of a 4 KiB page", unit="pairs/s",
+        value=pairs.completed / pairs.seconds, reference="4-byte config-space read, reads/s",
+        reference_value=reads.completed / reads.seconds,
+        extra={**_cpu_extra(pairs),
+               "reference_server_cpu_us_per_op": reads.per_op_us(reads.server_cpu)})
+
+
 async def batch_case(bench: Bench) -> Measurement:
     """One batch of 32 x 4 KiB memmoves against the same 32 as single descriptors."""
     entries = b"".join(
@@ -630,6 +675,7 @@ async def run_harness(work_dir: Path, plan: BenchPlan) -> list[Measurement]:
             measurements = await memmove_cases(bench, (64, 4 * KiB, 64 * KiB, MiB))
             measurements += await operation_cases(bench, (4 * KiB, MiB))
             measurements.append(await batch_case(bench))
+            measurements.append(await dma_map_case(bench))
             measurements += await latency_cases(bench)
             measurements += await scaling_cases(bench, (64 * KiB, MiB))
             # The same work stored into the mapped BAR by native code, as a guest makes it.
