@@ -132,6 +132,10 @@ class VdsaServer:
         self.device = DsaDevice(config, self.engine, self.engine)
         self.dma_regions: dict[int, DmaRegion] = {}
         self.connections = 0
+        # DMA_MAPs and DMA_UNMAPs the server handled, over all connections: a vIOMMU guest
+        # sends a pair for every buffer it maps.
+        self.dma_maps = 0
+        self.dma_unmaps = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -239,6 +243,7 @@ class VdsaServer:
         self.engine.irq_mask(start, count, masked)
 
     def _dma_register(self, region: DmaRegion) -> None:
+        self.dma_maps += 1
         self.dma_regions[region.iova] = region
         log.debug("dma.map", iova=region.iova, length=region.length,
                   mapped=region.vaddr is not None)
@@ -250,6 +255,7 @@ class VdsaServer:
                                         writable=bool(region.prot & PROT_WRITE))
 
     def _dma_unregister(self, region: DmaRegion) -> None:
+        self.dma_unmaps += 1
         known = self.dma_regions.pop(region.iova, None)
         log.debug("dma.unmap", iova=region.iova, length=region.length)
         if known is not None and known.vaddr is not None:
@@ -364,7 +370,8 @@ class VdsaServer:
             except VfuInterrupted:
                 continue
             except VfuNotConnected:
-                log.info("connection.closed", connection=self.connections)
+                log.info("connection.closed", connection=self.connections,
+                         dma_maps=self.dma_maps, dma_unmaps=self.dma_unmaps)
                 return
             except VfuError as exc:
                 # libvfio-user has already answered or dropped the message; a
