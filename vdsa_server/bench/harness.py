@@ -159,12 +159,12 @@ class MappedBar:
     """BAR2 mapped from the region fd the server offers (the fd stays the client's), and the
     native submitter that stores into it. ``close()`` unmaps it."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, library: Path | None = None) -> None:
         self._map = mmap.mmap(fd, size)
         view = ctypes.c_char.from_buffer(self._map)
         self.address = ctypes.addressof(view)
         del view  # an exported buffer would keep the mapping from closing
-        self.submitter = NativeSubmitter()
+        self.submitter = NativeSubmitter(library)
 
     def close(self) -> None:
         self._map.close()
@@ -263,7 +263,9 @@ class Bench:
         info = await self.driver.client.device_get_region_info(Bar.PORTALS)
         if not info.fds:
             raise BenchError("the server offers BAR2 as no mappable region")
-        with MappedBar(info.fds[0], info.size) as bar:
+        # The host reference's library holds the submitter too: the same build, however long
+        # the run (sources edited meanwhile would name another).
+        with MappedBar(info.fds[0], info.size, self.host.path) as bar:
             self.mapped = bar
             try:
                 yield bar

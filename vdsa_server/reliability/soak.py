@@ -165,12 +165,14 @@ async def _checked_cases(bench: Bench, report: SoakReport) -> None:
 async def _harness(report: SoakReport, socket: Path, server_pid: int, deadline: float,
                    plan: SoakPlan) -> None:
     try:
+        # Loaded once: an hour's connections use the build that was current at the start.
+        host = HostReference()
         while time.monotonic() < deadline:
             until = min(deadline, time.monotonic() + plan.reconnect_seconds)
             async with VfioUserClient.connect(socket) as client:
                 with GuestMemory(MEMORY, MEMORY_SIZE) as memory:
-                    bench = Bench(DsaDriver(client, memory), CpuClock(server_pid),
-                                  HostReference(), BenchPlan(CASE_SECONDS))
+                    bench = Bench(DsaDriver(client, memory), CpuClock(server_pid), host,
+                                  BenchPlan(CASE_SECONDS))
                     await bench.set_up()
                     if report.harness_connections % 2:
                         while time.monotonic() < until:
