@@ -56,9 +56,8 @@ USERLAND_PACKAGES = ("busybox-static", "kmod", "accel-config", "libaccel-config1
 # dpdk-test, and the drivers it loads are named by their ABI (it pulls in every driver anyway,
 # through libdpdk-dev).  The image ships dpdk-test only in an archive of its own.
 DPDK_PACKAGES = {
-    "bookworm": ("dpdk-dev", "librte-dma-idxd23", "librte-mempool-ring23",
-                 "librte-dma-skeleton23"),
-    "sid": ("dpdk-dev", "librte-dma-idxd26", "librte-mempool-ring26", "librte-dma-skeleton26"),
+    "bookworm": ("dpdk-dev", "librte-dma-idxd23", "librte-mempool-ring23"),
+    "sid": ("dpdk-dev", "librte-dma-idxd26", "librte-mempool-ring26"),
 }
 # The one of them whose version keys the image.
 DPDK_VERSION_PACKAGE = "dpdk-dev"
