@@ -15,11 +15,15 @@ import pytest
 import trio
 
 from vdsa_server.builds import guest_image
-from vdsa_server.builds.debian_root import RELEASES, DebianRoot, build_root
+from vdsa_server.builds.debian_root import DPDK_PACKAGES, RELEASES, DebianRoot, build_root
 from vdsa_server.builds.guest_image import (
+    DPDK,
+    DPDK_DRIVERS,
+    DPDK_TEST,
     GUEST_FILES,
     GUEST_PROGRAMS,
     NATIVE_GUEST,
+    USER_SPACE_DRIVER_MODULES,
     GuestImageMissing,
     build_guest,
     find_guest,
@@ -37,8 +41,19 @@ def cpio_members(data: bytes) -> list[str]:
 
 
 def cpio_extract(data: bytes, dest: Path) -> None:
-    dest.mkdir()
-    subprocess.run(["cpio", "-i", "-d", "--quiet"], input=data, cwd=dest, check=True)
+    dest.mkdir(exist_ok=True)
+    subprocess.run(["cpio", "-i", "-d", "-u", "--quiet"], input=data, cwd=dest, check=True)
+
+
+def gunzip_archive(path: Path) -> bytes:
+    """A gzipped archive the launcher appends another to: 4-byte aligned, zeros after."""
+    blob = path.read_bytes()
+    assert len(blob) % 4 == 0
+    inflater = zlib.decompressobj(wbits=31)
+    archive = inflater.decompress(blob)
+    assert inflater.eof
+    assert inflater.unused_data.strip(b"\0") == b""
+    return archive
 
 
 @pytest.mark.parametrize("script", ["init", "vdsa-result"])
@@ -300,13 +315,8 @@ def test_built_image_contents(tmp_path: Path, release: str) -> None:
     kver = image.kernel_version
     assert (image.release, kver, image.dmatest) == (release, root.kernel_version, True)
     assert image.kernel.read_bytes() == root.kernel.read_bytes()
-    blob = image.initramfs.read_bytes()
     # The launcher appends an uncompressed archive: it must start 4-byte aligned.
-    assert len(blob) % 4 == 0
-    inflater = zlib.decompressobj(wbits=31)
-    archive = inflater.decompress(blob)
-    assert inflater.eof
-    assert inflater.unused_data.strip(b"\0") == b""
+    archive = gunzip_archive(image.initramfs)
 
     names = set(cpio_members(archive))
     # The release's own accel-config and libraries, as its loader resolves them.
@@ -327,6 +337,12 @@ def test_built_image_contents(tmp_path: Path, release: str) -> None:
     }  # fmt: skip
     assert expected <= names, sorted(expected - names)
     assert not [n for n in names if n.endswith((".ko.xz", ".ko.zst", ".ko.gz"))]
+    # The drivers DPDK binds the function to, for every release; DPDK itself only in its
+    # own archive.
+    modules_copied = {guest_image.module_name(Path(n)) for n in names if n.endswith(".ko")}
+    assert set(USER_SPACE_DRIVER_MODULES) <= modules_copied, modules_copied
+    assert DPDK_TEST.lstrip("/") not in names
+    assert set(image.extras) == ({DPDK} if release in DPDK_PACKAGES else set())
 
     cpio_extract(archive, tmp_path / "root")
     tree = tmp_path / "root"
@@ -344,3 +360,37 @@ def test_built_image_contents(tmp_path: Path, release: str) -> None:
     assert (tree / "tmp").stat().st_mode & 0o7777 == 0o1777
     # The build leaves no scratch space in the root.
     assert not list((root.path / "tmp").glob("vdsa-image.*"))
+
+
+@pytest.mark.parametrize("release", sorted(DPDK_PACKAGES))
+def test_dpdk_archive_contents(tmp_path: Path, release: str) -> None:
+    image = trio.run(build_guest, release)
+    root = trio.run(build_root, release)
+    base = gunzip_archive(image.initramfs)
+    dpdk = gunzip_archive(image.extras[DPDK])
+    base_names = set(cpio_members(base))
+    names = set(cpio_members(dpdk))
+    assert DPDK_TEST.lstrip("/") in names
+    # Nothing the initramfs has is there again, but the directories both fill.
+    tree = tmp_path / "root"
+    cpio_extract(base, tree)
+    assert not [n for n in names & base_names if not (tree / n).is_dir()]
+    cpio_extract(dpdk, tree)
+    assert (tree / DPDK_TEST.lstrip("/")).read_bytes() == root.inside(DPDK_TEST).read_bytes()
+    # EAL loads every driver in its directory: only those asked for, and those dpdk-test is
+    # linked with anyway (each the one file that its other names point to).
+    driver_dirs = list((tree / "usr/lib/x86_64-linux-gnu/dpdk").iterdir())
+    assert len(driver_dirs) == 1
+    ldd = subprocess.run(["chroot", root.path, "ldd", DPDK_TEST], capture_output=True,
+                         text=True, check=True).stdout
+    linked = {Path(path).name.split(".so")[0] for path in re.findall(r"(/\S+) \(0x", ldd)}
+    present = {p.name.split(".so")[0].removeprefix("librte_") for p in driver_dirs[0].iterdir()}
+    assert {*DPDK_DRIVERS} <= present
+    assert present - {*DPDK_DRIVERS} <= {name.removeprefix("librte_") for name in linked}
+    # The guest's loader finds every library of dpdk-test and of the drivers in that root.
+    programs = [DPDK_TEST, *(f"/{p.relative_to(tree)}" for p in driver_dirs[0].iterdir())]
+    for program in programs:
+        done = subprocess.run(["chroot", tree, "/lib64/ld-linux-x86-64.so.2", "--list", program],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, (program, done.stderr)
+        assert "not found" not in done.stdout, (program, done.stdout)

@@ -162,3 +162,22 @@ def test_kernel_args_follow_the_vdsa_options() -> None:
     assert cmdline[:4] == launcher.KERNEL_CMDLINE.split()
     assert cmdline[-2:] == ["slub_debug=FZPU", "vdsa.script_timeout=9"]
     assert cmdline.index("intel_iommu=on") < cmdline.index("slub_debug=FZPU")
+
+
+def test_extras_follow_the_base_initramfs_in_the_order_asked() -> None:
+    guest = GuestImage(kernel=Path("vmlinuz"), initramfs=Path("initrd"), kernel_version="7.2",
+                       release="sid", extras={"dpdk": Path("dpdk.cpio.gz")})
+    assert launcher.initramfs_archives(guest, ()) == [Path("initrd")]
+    assert launcher.initramfs_archives(guest, ["dpdk"]) == [Path("initrd"), Path("dpdk.cpio.gz")]
+
+
+def test_an_extra_the_image_lacks_is_named_before_qemu_starts(tmp_path: Path) -> None:
+    guest = GuestImage(kernel=Path("vmlinuz"), initramfs=Path("initrd"), kernel_version="6.12",
+                       release="trixie")
+    with pytest.raises(launcher.LaunchError, match=r"trixie guest image has no dpdk archive"):
+        launcher.initramfs_archives(guest, ["dpdk"])
+    spec = BootSpec(script=b"true", guest=guest, extras=["dpdk"], log_dir=tmp_path,
+                    qemu=cached_qemu_binary())
+    with pytest.raises(launcher.LaunchError, match=r"no dpdk archive"):
+        trio.run(launcher.boot, spec)
+    assert not (tmp_path / "initrd.img").exists()

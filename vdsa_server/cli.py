@@ -17,7 +17,7 @@ import trio
 
 from vdsa_server import log as vdsa_log
 from vdsa_server.builds.debian_root import RELEASES
-from vdsa_server.builds.guest_image import DEFAULT_RELEASE
+from vdsa_server.builds.guest_image import DEFAULT_RELEASE, EXTRA_FILES
 from vdsa_server.builds.steps import BuildError
 from vdsa_server.launch import console
 from vdsa_server.log import get_logger
@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--firmware-dir", type=Path, action="append",
                       help="QEMU firmware directory (repeatable; default: Debian's)")
     _add_kernel(boot)
+    boot.add_argument("--with", dest="extras", action="append", default=[],
+                      choices=tuple(EXTRA_FILES), metavar="EXTRA",
+                      help="append the guest image's extra archive EXTRA to its initramfs "
+                      f"({', '.join(EXTRA_FILES)}: dpdk-test and its drivers)")
     boot.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
                       help="add ARG to the guest kernel's command line (repeatable)")
     boot.add_argument("--kernel-image", type=Path, metavar="BZIMAGE",
@@ -349,7 +353,7 @@ def _boot(args: argparse.Namespace) -> int:
         cpu=args.cpu, qemu=args.qemu, firmware_dirs=args.firmware_dir or DEFAULT_FIRMWARE_DIRS,
         timeout=args.timeout, log_dir=log_dir,
         iommu=Iommu(args.iommu) if args.iommu else None, guest=_guest(args),
-        kernel_args=args.kernel_arg, script_timeout=args.script_timeout,
+        kernel_args=args.kernel_arg, script_timeout=args.script_timeout, extras=args.extras,
     )
     if args.serve:
         run = trio.run(boot_with_server, spec, _device_config(args.config), _streamer(args.json))

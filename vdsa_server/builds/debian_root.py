@@ -3,7 +3,8 @@
 For each release (bookworm, trixie, sid) ``debootstrap`` makes a minimal root
 in the cache, and the release's own apt installs in it the kernel that
 ``linux-image-amd64`` points to, its headers and compiler, busybox, kmod and
-accel-config. Then ``dmatest.ko``, which no Debian kernel ships
+accel-config (and, for the releases of ``DPDK_PACKAGES``, DPDK's test program and
+drivers). Then ``dmatest.ko``, which no Debian kernel ships
 (CONFIG_DMATEST is off), is built in the root from the matching
 ``linux-source`` package with the release's compiler, and checked against the
 kernel's own modules by vermagic.
@@ -51,6 +52,15 @@ PACKAGES = ("linux-image-amd64", "linux-headers-amd64", "busybox-static", "kmod"
             "accel-config", "make", "xz-utils")
 # The userland the image copies, whose versions key the image.
 USERLAND_PACKAGES = ("busybox-static", "kmod", "accel-config", "libaccel-config1")
+# The releases whose images have DPDK for the DPDK boots (guest_image.DPDK): dpdk-dev has
+# dpdk-test, and the drivers it loads are named by their ABI (it pulls in every driver anyway,
+# through libdpdk-dev).  The image ships dpdk-test only in an archive of its own.
+DPDK_PACKAGES = {
+    "bookworm": ("dpdk-dev", "librte-dma-idxd23", "librte-mempool-ring23"),
+    "sid": ("dpdk-dev", "librte-dma-idxd26", "librte-mempool-ring26"),
+}
+# The one of them whose version keys the image.
+DPDK_VERSION_PACKAGE = "dpdk-dev"
 INFO_FILE = "root.json"
 TREE = "tree"
 DMATEST_DIR = Path("usr/src/vdsa-dmatest")
@@ -72,7 +82,11 @@ class DebianRoot:
     path: Path  # the root directory (the chroot)
     kernel_version: str  # uname -r, e.g. 6.12.117+deb13-amd64
     kernel_package_version: str
-    versions: Mapping[str, str]  # USERLAND_PACKAGES and the compiler
+    versions: Mapping[str, str]  # USERLAND_PACKAGES, the compiler, and dpdk-dev if it has it
+
+    @property
+    def has_dpdk(self) -> bool:
+        return DPDK_VERSION_PACKAGE in self.versions
 
     @property
     def kernel(self) -> Path:
@@ -132,6 +146,11 @@ def sources(release: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def release_packages(release: str) -> tuple[str, ...]:
+    """What apt installs in the release's root."""
+    return (*PACKAGES, *DPDK_PACKAGES.get(release, ()))
+
+
 def root_artifact(release: str) -> Artifact:
     check_release(release)
     return artifact(f"debian-root-{release}", {
@@ -139,7 +158,7 @@ def root_artifact(release: str) -> Artifact:
         "release": release,
         "mirror": mirror(),
         "sources": sources(release),
-        "packages": " ".join(PACKAGES),
+        "packages": " ".join(release_packages(release)),
     })
 
 
@@ -229,7 +248,7 @@ async def _install_packages(b: _Build) -> None:
     (b.root / "etc" / "dpkg" / "dpkg.cfg.d" / "99vdsa").write_text(DPKG_EXCLUDES)
     await b.chroot("apt-update", "apt-get", "update")
     await b.chroot("apt-install", "apt-get", "install", "-y", "--no-install-recommends",
-                   *PACKAGES)
+                   *release_packages(b.release))
 
 
 async def _build_dmatest(b: _Build, kver: str, package_version: str) -> None:
@@ -281,6 +300,8 @@ async def _assemble(b: _Build, out: Path) -> None:
     package_version = await b.version(f"linux-image-{kver}")
     await _build_dmatest(b, kver, package_version)
     versions = {p: await b.version(p) for p in USERLAND_PACKAGES}
+    if b.release in DPDK_PACKAGES:
+        versions[DPDK_VERSION_PACKAGE] = await b.version(DPDK_VERSION_PACKAGE)
     versions.update(await _compiler(b, kver))
     await b.chroot("apt-clean", "apt-get", "clean")
     (out / INFO_FILE).write_text(json.dumps({

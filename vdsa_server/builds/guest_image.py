@@ -5,10 +5,18 @@ reports on the serial console, then powers off.
 Built once per release into the cache (``vdsa build guest --kernel R``) from
 that release's root (``debian_root``): its kernel, the idxd modules and their
 dependencies (decompressed, as busybox's modprobe loads plain ``.ko`` files),
-the root's ``dmatest.ko``, its busybox and accel-config with its libraries,
-and modules.dep made by its own depmod. Added to those: the static programs
-of ``native/guest/`` (``movdir64b-test``, ``memcpy-bench``, ``portal-race``,
-``hostile-guest``) and the two scripts of ``guest_files/``.
+the drivers a user-space driver binds the function to (uio_pci_generic,
+vfio-pci), the root's ``dmatest.ko``, its busybox and accel-config with its
+libraries, and modules.dep made by its own depmod. Added to those: the static
+programs of ``native/guest/`` (``movdir64b-test``, ``memcpy-bench``,
+``portal-race``, ``hostile-guest``) and the two scripts of ``guest_files/``.
+
+Beside the initramfs, where the userland root has DPDK (``DPDK_PACKAGES``),
+an extra archive ``dpdk.cpio.gz``: ``dpdk-test``, the few drivers it needs for
+``dmadev_autotest`` in DPDK's default driver directory, and their libraries as
+the root resolves them (those the initramfs already has left out). Only the
+boots that ask for it (``vdsa boot --with dpdk``) append it, so no other boot
+unpacks it.
 
 The console contract of ``guest_files/init``: every machine-readable line is
 ``@@vdsa@@ `` + one JSON object + ``\\n``, with the events ``boot`` (kernel),
@@ -17,8 +25,8 @@ The console contract of ``guest_files/init``: every machine-readable line is
 ``line`` and ``result`` frames come from different processes, so their
 relative order is not guaranteed.
 
-The launcher appends :func:`script_archive` to the base initramfs; the kernel
-unpacks both into the same root.
+The launcher appends the extras asked for and :func:`script_archive` to the
+base initramfs; the kernel unpacks them all into the same root.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -56,11 +64,14 @@ from vdsa_server.log import get_logger
 log = get_logger()
 
 # Bump when the image layout or the build changes in a way the other inputs miss.
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 # The release a boot uses unless told: the newest whose stock driver passes the
 # whole boot matrix (README, "Guest kernels").
 DEFAULT_RELEASE = "sid"
 WANTED_MODULES = ("idxd", "idxd_bus")
+# The drivers that hand the function to a user-space driver (DPDK): copied with their
+# dependencies where the kernel has them as modules (a user's kernel may not).
+USER_SPACE_DRIVER_MODULES = ("uio_pci_generic", "vfio_pci", "vfio_iommu_type1")
 ACCEL_CONFIG = "/usr/bin/accel-config"
 # The image's /usr/bin programs built from native/guest/, with their sources.
 GUEST_PROGRAMS = {
@@ -77,6 +88,19 @@ NATIVE_GUEST = PACKAGE_DIR.parents[1] / "native" / "guest"
 
 KERNEL_FILE = "vmlinuz"
 INITRAMFS_FILE = "initramfs.cpio.gz"
+# The extra archives an image may have, by name, and their files.
+DPDK = "dpdk"
+EXTRA_FILES = {DPDK: "dpdk.cpio.gz"}
+DPDK_TEST = "/usr/bin/dpdk-test"
+# The drivers dmadev_autotest needs, loaded by EAL from its default driver directory (there
+# beside only those dpdk-test is linked with anyway, so that EAL loads no other): the PCI
+# bus, the mempool the test's mbuf pool uses and the idxd dmadev. Not the skeleton dmadev
+# the test would add: it copies with a CPU thread of its own, which a loaded TCG guest may
+# not run within the test's waits, and it exercises nothing of vdsa.
+DPDK_DRIVERS = ("bus_pci", "mempool_ring", "dma_idxd")
+DPDK_DRIVER_DIRS = "usr/lib/x86_64-linux-gnu/dpdk/pmds-*"
+# glibc loads libgcc_s with dlopen when a thread exits (EAL's threads do), so ldd misses it.
+DPDK_DLOPENED = ("/usr/lib/x86_64-linux-gnu/libgcc_s.so.1",)
 INFO_FILE = "guest.json"
 # The files of a modules tree that depmod reads besides the modules.
 MODULES_METADATA = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
@@ -89,6 +113,8 @@ class GuestImage:
     kernel_version: str
     release: str | None = None  # the Debian release; None for the user's own kernel
     dmatest: bool = True  # whether the image has dmatest.ko
+    # The archives a boot may append to the initramfs, by name (EXTRA_FILES).
+    extras: Mapping[str, Path] = field(default_factory=dict)
 
 
 class GuestImageMissing(RuntimeError):
@@ -160,6 +186,7 @@ def load_image(path: Path) -> GuestImage:
         kernel_version=str(info["kernel_version"]),
         release=None if release is None else str(release),
         dmatest=bool(info["dmatest"]),
+        extras={str(name): path / str(file) for name, file in info.get("extras", {}).items()},
     )
 
 
@@ -219,6 +246,11 @@ class _Build:
     def modules(self) -> Path:
         return self.tree / "lib" / "modules" / self.kernel.version
 
+    @property
+    def dpdk_tree(self) -> Path:
+        """The DPDK archive's tree."""
+        return self.work / "dpdk-tree"
+
     def in_root(self, path: Path) -> str:
         """``path`` (under the userland root) as a command run in that root names it."""
         return "/" + str(path.relative_to(self.userland.path))
@@ -262,13 +294,18 @@ def module_index(modules: Path) -> dict[str, Path]:
 
 
 async def _copy_modules(b: _Build) -> list[str]:
-    """Copy WANTED_MODULES and their dependencies, decompressed."""
+    """Copy WANTED_MODULES, the USER_SPACE_DRIVER_MODULES the tree has, and their
+    dependencies, decompressed."""
     source = b.kernel.modules
     if source is None:
         return []
     index = module_index(source)
+    absent = [name for name in USER_SPACE_DRIVER_MODULES if name not in index]
+    if absent:
+        log.warning("guest.build.modules_absent", modules=absent,
+                    meaning="DPDK cannot bind the function with these drivers in this guest")
     selected: list[str] = []
-    pending = list(WANTED_MODULES)
+    pending = [*WANTED_MODULES, *(name for name in USER_SPACE_DRIVER_MODULES if name in index)]
     while pending:
         name = pending.pop()
         if name in selected:
@@ -288,19 +325,26 @@ async def _copy_modules(b: _Build) -> list[str]:
     return selected
 
 
-async def _copy_accel_config(b: _Build) -> None:
-    ldd = await capture(["chroot", b.userland.path, "ldd", ACCEL_CONFIG])
+async def _libraries(b: _Build, program: str) -> tuple[list[str], str]:
+    """The libraries ``program`` (a path in the userland root) loads, as the root's ldd
+    resolves them, and its dynamic loader."""
+    ldd = await capture(["chroot", b.userland.path, "ldd", program])
     if "not found" in ldd:
-        raise BuildError(f"{ACCEL_CONFIG} has unresolved libraries:\n{ldd}")
+        raise BuildError(f"{program} has unresolved libraries:\n{ldd}")
     libraries = re.findall(r"(/\S+) \(0x", ldd)
     loaders = re.findall(r"^\s*(/\S+) \(0x", ldd, re.MULTILINE)
     if len(loaders) != 1:
-        raise BuildError(f"cannot find the dynamic loader of {ACCEL_CONFIG} in:\n{ldd}")
+        raise BuildError(f"cannot find the dynamic loader of {program} in:\n{ldd}")
+    return libraries, loaders[0]
+
+
+async def _copy_accel_config(b: _Build) -> None:
+    libraries, loader = await _libraries(b, ACCEL_CONFIG)
     for path in (ACCEL_CONFIG, *libraries):
         _install(b.userland.inside(path), b.tree / path.lstrip("/"), 0o755)
     # accel-config itself refuses to run without the idxd module, so check
     # instead that the loader resolves every library inside the tree alone.
-    await b.step("accel-config-check", ["chroot", b.tree, loaders[0], "--list", ACCEL_CONFIG])
+    await b.step("accel-config-check", ["chroot", b.tree, loader, "--list", ACCEL_CONFIG])
     log.info("guest.build.accel_config_copied", libraries=libraries)
 
 
@@ -332,8 +376,7 @@ async def _link_busybox_applets(b: _Build) -> int:
 
 
 def _normalize_modes(root: Path) -> None:
-    """Directories 0755 and files 0755 or 0644 whatever the umask, except the
-    conventional /tmp and /root."""
+    """Directories 0755 and files 0755 or 0644 whatever the umask."""
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames:
             Path(dirpath, name).chmod(0o755)
@@ -341,8 +384,6 @@ def _normalize_modes(root: Path) -> None:
             path = Path(dirpath, name)
             if not path.is_symlink():
                 path.chmod(0o755 if path.stat().st_mode & 0o111 else 0o644)
-    (root / "tmp").chmod(0o1777)
-    (root / "root").chmod(0o700)
 
 
 async def _fill_tree(b: _Build) -> None:
@@ -367,30 +408,91 @@ async def _fill_tree(b: _Build) -> None:
     links = await _link_busybox_applets(b)
     log.info("guest.build.busybox_linked", applets=links)
     _normalize_modes(tree)
+    # The conventional modes of /tmp and /root.
+    (tree / "tmp").chmod(0o1777)
+    (tree / "root").chmod(0o700)
 
 
-async def _pack(b: _Build, out: Path, release: str | None) -> None:
-    cpio = b.work / "initramfs.cpio"
+def _copy_resolved(b: _Build, path: str) -> None:
+    """``path`` of the userland root into the DPDK tree, unless the initramfs has it: the
+    file it resolves to, at its real path, and ``path`` a symlink to that where they differ.
+    So every name of a library is one file in the guest, and EAL's dlopen of a driver that
+    dpdk-test is also linked with finds it already loaded (a second copy would register the
+    driver twice)."""
+    name = path.lstrip("/")
+    if os.path.lexists(b.tree / name):
+        return
+    real = b.userland.inside(path).relative_to(b.userland.path)
+    if not os.path.lexists(b.tree / real) and not os.path.lexists(b.dpdk_tree / real):
+        _install(b.userland.path / real, b.dpdk_tree / real, 0o755)
+    link = b.dpdk_tree / name
+    if Path(name) != real and not os.path.lexists(link):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(f"/{real}")
+
+
+async def _fill_dpdk_tree(b: _Build) -> None:
+    """dpdk-test, DPDK_DRIVERS in the root's driver directory, and what they load."""
+    root = b.userland.path
+    found = sorted(root.glob(DPDK_DRIVER_DIRS))
+    if len(found) != 1:
+        raise BuildError(f"expected one DPDK driver directory {DPDK_DRIVER_DIRS} in {root}, "
+                         f"found {[str(p) for p in found]}")
+    drivers: list[str] = []
+    for driver in DPDK_DRIVERS:
+        entries = sorted(found[0].glob(f"librte_{driver}.so*"))
+        if not entries:
+            raise BuildError(f"DPDK driver {driver} is not in {found[0]}")
+        drivers += [f"/{entry.relative_to(root)}" for entry in entries]
+    libraries, loader = await _libraries(b, DPDK_TEST)
+    for driver in drivers:
+        libraries += (await _libraries(b, driver))[0]
+    for path in sorted({DPDK_TEST, *drivers, *libraries, *DPDK_DLOPENED}):
+        _copy_resolved(b, path)
+    _normalize_modes(b.dpdk_tree)
+    # The loader resolves every library of dpdk-test and the drivers in the guest's root: the
+    # initramfs with this archive unpacked over it.
+    merged = b.work / "dpdk-check"
+    shutil.copytree(b.tree, merged, symlinks=True)
+    shutil.copytree(b.dpdk_tree, merged, symlinks=True, dirs_exist_ok=True)
+    for index, program in enumerate((DPDK_TEST, *drivers)):
+        await b.step(f"dpdk-check-{index}", ["chroot", merged, loader, "--list", program])
+    shutil.rmtree(merged)
+    log.info("guest.build.dpdk_copied", drivers=drivers, libraries=len(set(libraries)))
+
+
+async def _pack_tree(b: _Build, tree: Path, out: Path, name: str) -> None:
+    """``tree`` as the gzipped newc archive ``name`` in ``out``."""
+    dest = out / name
+    cpio = b.work / name.removesuffix(".gz")
     with cpio.open("wb") as stream:
         writer = CpioWriter(stream)
-        writer.tree(b.tree)
+        writer.tree(tree)
         writer.finish()
     uncompressed = cpio.stat().st_size
-    await b.step("gzip", ["gzip", "-9", "-n", cpio])
-    shutil.move(b.work / "initramfs.cpio.gz", out / INITRAMFS_FILE)
-    # The launcher appends an uncompressed archive, which the kernel only
-    # recognises at a 4-byte aligned offset.
-    with (out / INITRAMFS_FILE).open("ab") as stream:
+    await b.step(f"gzip-{cpio.stem}", ["gzip", "-9", "-n", cpio])
+    shutil.move(cpio.with_name(dest.name), dest)
+    # Another archive follows it; the kernel only recognises an uncompressed one at a
+    # 4-byte aligned offset.
+    with dest.open("ab") as stream:
         pad4(stream)
+    log.info("guest.build.packed", archive=name, bytes=dest.stat().st_size,
+             uncompressed_bytes=uncompressed)
+
+
+async def _pack(b: _Build, out: Path, release: str | None, extras: Sequence[str]) -> None:
+    await _pack_tree(b, b.tree, out, INITRAMFS_FILE)
+    trees = {DPDK: b.dpdk_tree}
+    for name in extras:
+        await _pack_tree(b, trees[name], out, EXTRA_FILES[name])
     _install(b.kernel.image, out / KERNEL_FILE, 0o644)
     (out / INFO_FILE).write_text(json.dumps({
         "kernel_version": b.kernel.version,
         "release": release,
         "userland": b.userland.release,
         "dmatest": b.kernel.dmatest is not None,
+        "extras": {name: EXTRA_FILES[name] for name in extras},
     }, indent=2) + "\n")
-    log.info("guest.build.packed", initramfs_bytes=(out / INITRAMFS_FILE).stat().st_size,
-             uncompressed_bytes=uncompressed)
 
 
 async def assemble_image(art: Artifact, kernel: KernelFiles, userland: DebianRoot,
@@ -407,7 +509,11 @@ async def assemble_image(art: Artifact, kernel: KernelFiles, userland: DebianRoo
     try:
         with art.building() as out:
             await _fill_tree(b)
-            await _pack(b, out, release)
+            extras = []
+            if userland.has_dpdk:
+                await _fill_dpdk_tree(b)
+                extras.append(DPDK)
+            await _pack(b, out, release, extras)
     finally:
         shutil.rmtree(b.work, ignore_errors=True)
     log.info("guest.build.done", path=str(art.path), seconds=round(time.monotonic() - started, 1))

@@ -1,8 +1,9 @@
 """Launching QEMU with the vdsa guest and, optionally, a vfio-user device.
 
 One boot: check the QEMU binary, its firmware and that the guest CPU will have
-MOVDIR64B; start QEMU with the guest kernel, the base initramfs plus an archive
-holding the user's script, and a ``vfio-user-pci`` device at the given socket;
+MOVDIR64B; start QEMU with the guest kernel, the base initramfs plus the image's
+extra archives the boot asks for (DPDK) and an archive holding the user's
+script, and a ``vfio-user-pci`` device at the given socket;
 stream and parse the serial console; and always stop QEMU, however the boot
 ends (guest power-off, timeout, panic, cancellation).
 """
@@ -262,6 +263,8 @@ class BootSpec:
     # Seconds the guest's /init lets the script run before it ends it and reports (default:
     # the boot's timeout less SCRIPT_TIMEOUT_MARGIN, or less a quarter of a short one).
     script_timeout: float | None = None
+    # The guest image's extra archives (guest_image.EXTRA_FILES) appended to its initramfs.
+    extras: Sequence[str] = ()
 
     @property
     def script_seconds(self) -> int:
@@ -329,6 +332,18 @@ class Machine:
 FaultHook = Callable[[console.Event, Machine], Awaitable[None]]
 
 
+def initramfs_archives(guest: GuestImage, extras: Sequence[str]) -> list[Path]:
+    """The archives of a boot's initramfs, in order: the base one and the extras asked for."""
+    missing = [name for name in extras if name not in guest.extras]
+    if missing:
+        which = (f"the {guest.release} guest image" if guest.release
+                 else f"the guest image of kernel {guest.kernel_version}")
+        raise LaunchError(f"{which} has no {', '.join(missing)} archive (it has "
+                          f"{', '.join(guest.extras) or 'none'}; DPDK is in the images of "
+                          "the releases whose roots have it)")
+    return [guest.initramfs, *(guest.extras[name] for name in extras)]
+
+
 def qemu_argv(qemu: Path, profile: Profile, cpu: str, guest: GuestImage, initrd: Path,
               firmware_dirs: Sequence[Path], socket: Path | None,
               iommu: Iommu | None = None, kernel_args: Sequence[str] = (),
@@ -385,6 +400,7 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
     if spec.socket is not None:
         check_server_socket(spec.socket)
     guest = spec.guest or find_guest()
+    archives = initramfs_archives(guest, spec.extras)
     caps = await probe_qemu(qemu, profile.accel, cpu)
     if not caps.has_vfio_user_pci:
         raise QemuUnsuitable(f"{qemu} (QEMU {caps.version}) has no vfio-user-pci device; "
@@ -400,7 +416,8 @@ async def boot(spec: BootSpec, on_event: Callable[[console.Event], None] | None 
     log_dir.mkdir(parents=True, exist_ok=True)
     console_log = log_dir / "console.log"
     initrd = log_dir / "initrd.img"
-    initrd.write_bytes(guest.initramfs.read_bytes() + script_archive(spec.script, spec.files))
+    initrd.write_bytes(b"".join(path.read_bytes() for path in archives)
+                       + script_archive(spec.script, spec.files))
     qmp_socket = log_dir / "qmp.sock" if faults else None
     argv = qemu_argv(qemu, profile, cpu, guest, initrd, spec.firmware_dirs, spec.socket,
                      spec.iommu, [*spec.kernel_args, f"vdsa.script_timeout={spec.script_seconds}"],
