@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import re
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from vdsa_server.device.registers import Layout, field_mask, layout_fields
@@ -36,11 +38,23 @@ static void dump(const char *key, const void *p, size_t n)
 
 
 def extract_headers(cache_dir: Path) -> Path:
-    """The linux-source tree holding HEADERS, extracted into ``cache_dir`` once."""
-    if not all((cache_dir / LINUX_TOP / h).is_file() for h in HEADERS):
+    """The linux-source tree holding HEADERS, extracted into ``cache_dir`` once.  Test workers
+    may ask at once: each extracts into a directory of its own, and the first to finish
+    renames it into place."""
+    tree = cache_dir / LINUX_TOP
+    if not all((tree / h).is_file() for h in HEADERS):
+        scratch = Path(tempfile.mkdtemp(dir=cache_dir))
         members = [f"{LINUX_TOP}/{h}" for h in HEADERS]
-        subprocess.run(["tar", "-xJf", LINUX_TARBALL, "-C", cache_dir, *members], check=True)
-    return cache_dir / LINUX_TOP
+        subprocess.run(["tar", "-xJf", LINUX_TARBALL, "-C", scratch, *members], check=True)
+        try:
+            (scratch / LINUX_TOP).rename(tree)
+        except OSError:
+            # Another worker's, complete; or one an interrupted run left half made.
+            if not all((tree / h).is_file() for h in HEADERS):
+                shutil.rmtree(tree)
+                (scratch / LINUX_TOP).rename(tree)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return tree
 
 
 def run_c(prelude: str, include: Path, tmp_path: Path, body: list[str]) -> dict[str, str]:

@@ -62,6 +62,13 @@ def pytest_configure(config: pytest.Config) -> None:
     os.execv(sys.executable, sys.orig_argv)
 
 
+def pytest_xdist_setupnodes(config: pytest.Config, specs: list[Any]) -> None:
+    """xdist's workers start from this process's environment: give them the sanitizer
+    runtimes at exec time, as the re-execution gave this process (they then take them out of
+    their own environment in pytest_configure)."""
+    os.environ["LD_PRELOAD"] = os.environ.get(SANITIZER_PRELOAD, "")
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]

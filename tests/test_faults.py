@@ -21,7 +21,12 @@ LEAKER = ("import os, sys, time; print('ready', flush=True); sys.stdin.readline(
 
 async def line_from(process: trio.Process) -> bytes:
     assert process.stdout is not None
-    return bytes(await process.stdout.receive_some())
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = await process.stdout.receive_some()
+        assert chunk, f"the child ended after {line!r}"
+        line += chunk
+    return line
 
 
 async def cycles_of(process: trio.Process, tmp_path: Path) -> _Cycles:
