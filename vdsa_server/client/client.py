@@ -259,6 +259,26 @@ class _Refused(Exception):
         self.errno = errno_value
 
 
+async def _connect_when_listening(path: Path | str, limit: float) -> trio.socket.SocketType:
+    """A connected socket, retrying while refused for up to ``limit`` seconds: the server's
+    socket file exists a moment before it listens, and libvfio-user queues one connection
+    while it serves another and refuses more."""
+    deadline = trio.current_time() + limit
+    while True:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(os.fspath(path))
+            return sock
+        except ConnectionRefusedError:
+            sock.close()
+            if trio.current_time() > deadline:
+                raise
+            await trio.sleep(0.005)
+        except BaseException:
+            sock.close()
+            raise
+
+
 class VfioUserClient:
     """One connection to a vfio-user server; made by :meth:`connect`."""
 
@@ -301,9 +321,8 @@ class VfioUserClient:
         on leaving it the connection and everything the client owns are closed.
         """
         xfer = capabilities.get("max_data_xfer_size") if capabilities else None
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = await _connect_when_listening(path, request_timeout)
         try:
-            await sock.connect(os.fspath(path))
             log.info("vfio_user_client.connect", path=str(path))
             client = cls(sock, request_timeout,
                          xfer if isinstance(xfer, int) else DEFAULT_MAX_DATA_XFER_SIZE)
