@@ -21,12 +21,20 @@ struct dma_region {
 	uint64_t length;
 	uint8_t *vaddr;
 	uint32_t prot;
+	int32_t left, right; /* children by iova, or -1; a free slot's next is left */
+	int8_t height; /* of its AVL subtree */
 };
 
+/* An AVL tree of regions by iova (never overlapping), its nodes slots of one pool: a vIOMMU
+ * guest maps pages one at a time in any order (Linux allocates IOVAs top down), so each map
+ * and unmap costs O(log n), and a lookup is one descent. */
 struct dma_table {
 	pthread_rwlock_t lock; /* read: a descriptor in progress; write: map/unmap */
-	struct dma_region *regions; /* sorted by iova, never overlapping */
-	size_t count;
+	struct dma_region *nodes; /* moves when it grows: pointers hold only under the lock */
+	int32_t root; /* -1: empty */
+	int32_t free; /* free slots, or -1 */
+	size_t count; /* regions mapped */
+	size_t used; /* slots handed out, free ones included */
 	size_t capacity;
 };
 
