@@ -5,7 +5,8 @@
 
 #include "internal.h"
 
-#define NIL (-1)
+/* Below this many slots a node is merged with a neighbour it fits in. */
+#define NODE_SHORT (DMA_NODE_SLOTS / 4)
 
 int dma_init(struct dma_table *table)
 {
@@ -13,8 +14,6 @@ int dma_init(struct dma_table *table)
 	int rc;
 
 	memset(table, 0, sizeof(*table));
-	table->root = NIL;
-	table->free = NIL;
 	pthread_rwlockattr_init(&attr);
 	/* An unmap must not starve behind a stream of descriptors. */
 	pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -23,198 +22,237 @@ int dma_init(struct dma_table *table)
 	return -rc;
 }
 
-static void release_nodes(struct dma_table *table)
+static void free_subtree(struct dma_node *node)
 {
-	free(table->nodes);
-	table->nodes = NULL;
-	table->root = NIL;
-	table->free = NIL;
-	table->used = 0;
-	table->capacity = 0;
+	uint32_t i;
+
+	for (i = 0; !node->leaf && i < node->count; i++)
+		free_subtree(node->children[i]);
+	free(node);
+}
+
+static void free_spares(struct dma_table *table)
+{
+	while (table->spares) {
+		struct dma_node *next = table->spares->children[0];
+
+		free(table->spares);
+		table->spares = next;
+	}
+	table->spare_count = 0;
 }
 
 void dma_destroy(struct dma_table *table)
 {
 	pthread_rwlock_destroy(&table->lock);
-	release_nodes(table);
+	if (table->root)
+		free_subtree(table->root);
+	table->root = NULL;
+	free_spares(table);
 }
 
-static int height(const struct dma_table *table, int32_t i)
+/* The last slot whose key is at most key, or -1. */
+static int floor_slot(const struct dma_node *node, uint64_t key)
 {
-	return i == NIL ? 0 : table->nodes[i].height;
-}
+	uint32_t low = 0, high = node->count;
 
-static void update(struct dma_table *table, int32_t i)
-{
-	struct dma_region *r = &table->nodes[i];
-	int left = height(table, r->left), right = height(table, r->right);
+	while (low < high) {
+		uint32_t mid = (low + high) / 2;
 
-	r->height = (int8_t)(1 + (left > right ? left : right));
-}
-
-static int32_t rotate_right(struct dma_table *table, int32_t i)
-{
-	int32_t top = table->nodes[i].left;
-
-	table->nodes[i].left = table->nodes[top].right;
-	table->nodes[top].right = i;
-	update(table, i);
-	update(table, top);
-	return top;
-}
-
-static int32_t rotate_left(struct dma_table *table, int32_t i)
-{
-	int32_t top = table->nodes[i].right;
-
-	table->nodes[i].right = table->nodes[top].left;
-	table->nodes[top].left = i;
-	update(table, i);
-	update(table, top);
-	return top;
-}
-
-/* Restores the AVL property at i, whose subtrees have it; returns the subtree's root. */
-static int32_t balance(struct dma_table *table, int32_t i)
-{
-	struct dma_region *r = &table->nodes[i];
-	int skew = height(table, r->left) - height(table, r->right);
-
-	if (skew > 1) {
-		const struct dma_region *left = &table->nodes[r->left];
-
-		if (height(table, left->left) < height(table, left->right))
-			r->left = rotate_left(table, r->left);
-		return rotate_right(table, i);
+		if (node->keys[mid] <= key)
+			low = mid + 1;
+		else
+			high = mid;
 	}
-	if (skew < -1) {
-		const struct dma_region *right = &table->nodes[r->right];
-
-		if (height(table, right->right) < height(table, right->left))
-			r->right = rotate_right(table, r->right);
-		return rotate_left(table, i);
-	}
-	update(table, i);
-	return i;
+	return (int)low - 1;
 }
 
-/* Recursion as deep as the tree: under 1.45 log2(count). */
-static int32_t insert(struct dma_table *table, int32_t root, int32_t i)
+/* The region with the highest iova at most key, or NULL. */
+static const struct dma_region *floor_region(const struct dma_table *table, uint64_t key)
 {
-	struct dma_region *r;
+	const struct dma_node *node = table->root;
 
-	if (root == NIL)
-		return i;
-	r = &table->nodes[root];
-	if (table->nodes[i].iova < r->iova)
-		r->left = insert(table, r->left, i);
+	while (node) {
+		int slot = floor_slot(node, key);
+
+		if (slot < 0)
+			return NULL;
+		if (node->leaf)
+			return &node->regions[slot];
+		node = node->children[slot];
+	}
+	return NULL;
+}
+
+/* Moves count slots of from, from start on, to slot at of to (the same kind of node). */
+static void move_slots(struct dma_node *to, uint32_t at, struct dma_node *from, uint32_t start,
+		       uint32_t count)
+{
+	memmove(&to->keys[at], &from->keys[start], count * sizeof(to->keys[0]));
+	if (to->leaf)
+		memmove(&to->regions[at], &from->regions[start], count * sizeof(to->regions[0]));
 	else
-		r->right = insert(table, r->right, i);
-	return balance(table, root);
+		memmove(&to->children[at], &from->children[start],
+			count * sizeof(to->children[0]));
 }
 
-static int32_t remove_min(struct dma_table *table, int32_t root, int32_t *min)
+static struct dma_node *take_spare(struct dma_table *table)
 {
-	struct dma_region *r = &table->nodes[root];
+	struct dma_node *node = table->spares;
 
-	if (r->left == NIL) {
-		*min = root;
-		return r->right;
-	}
-	r->left = remove_min(table, r->left, min);
-	return balance(table, root);
+	table->spares = node->children[0];
+	table->spare_count--;
+	return node;
 }
 
-/* Removes the region at iova, which is in the tree. */
-static int32_t remove_at(struct dma_table *table, int32_t root, uint64_t iova)
+/* Puts a region (in a leaf) or a child (in an inner node) at slot of node, splitting a full
+ * node in two; returns the new right half, or NULL.  A put at either end of a full node leaves
+ * it full and starts the new one with the put alone: maps in ascending or descending order then
+ * fill their nodes, where halves would leave every node half empty. */
+static struct dma_node *put(struct dma_table *table, struct dma_node *node, uint32_t slot,
+			    const struct dma_region *region, struct dma_node *child)
 {
-	struct dma_region *r = &table->nodes[root];
-	int32_t min, right;
+	struct dma_node *right = NULL;
 
-	if (iova < r->iova) {
-		r->left = remove_at(table, r->left, iova);
-		return balance(table, root);
-	}
-	if (iova > r->iova) {
-		r->right = remove_at(table, r->right, iova);
-		return balance(table, root);
-	}
-	if (r->left == NIL)
-		return r->right;
-	if (r->right == NIL)
-		return r->left;
-	right = remove_min(table, r->right, &min);
-	table->nodes[min].left = r->left;
-	table->nodes[min].right = right;
-	return balance(table, min);
-}
+	if (node->count == DMA_NODE_SLOTS) {
+		uint32_t cut = slot == 0 || slot == DMA_NODE_SLOTS ? slot : DMA_NODE_SLOTS / 2;
 
-/* The first region whose end is above iova, or NULL. Regions never overlap, so the tree is
- * ordered by their ends too. */
-static const struct dma_region *first_ending_above(const struct dma_table *table,
-						   uint64_t iova)
-{
-	const struct dma_region *found = NULL;
-	int32_t i = table->root;
-
-	while (i != NIL) {
-		const struct dma_region *r = &table->nodes[i];
-
-		if (r->iova + r->length > iova) {
-			found = r;
-			i = r->left;
-		} else {
-			i = r->right;
+		right = take_spare(table);
+		right->leaf = node->leaf;
+		right->count = DMA_NODE_SLOTS - cut;
+		move_slots(right, 0, node, cut, right->count);
+		node->count = cut;
+		if (slot > cut || cut == DMA_NODE_SLOTS) {
+			slot -= cut;
+			node = right;
 		}
 	}
-	return found;
+	move_slots(node, slot + 1, node, slot, node->count - slot);
+	if (node->leaf) {
+		node->keys[slot] = region->iova;
+		node->regions[slot] = *region;
+	} else {
+		node->keys[slot] = child->keys[0];
+		node->children[slot] = child;
+	}
+	node->count++;
+	return right;
 }
 
-static int32_t take_slot(struct dma_table *table)
+/* Recursion as deep as the tree: a few levels. */
+static struct dma_node *insert(struct dma_table *table, struct dma_node *node,
+			       const struct dma_region *region)
 {
-	int32_t i = table->free;
+	int slot = floor_slot(node, region->iova);
+	struct dma_node *split;
 
-	if (i != NIL) {
-		table->free = table->nodes[i].left;
-		return i;
-	}
-	if (table->used == table->capacity) {
-		size_t capacity = table->capacity ? 2 * table->capacity : 16;
-		struct dma_region *grown;
+	if (node->leaf)
+		return put(table, node, (uint32_t)(slot + 1), region, NULL);
+	if (slot < 0)
+		slot = 0;
+	split = insert(table, node->children[slot], region);
+	node->keys[slot] = node->children[slot]->keys[0];
+	return split ? put(table, node, (uint32_t)slot + 1, NULL, split) : NULL;
+}
 
-		if (capacity > INT32_MAX)
-			return NIL;
-		grown = realloc(table->nodes, capacity * sizeof(*grown));
-		if (!grown)
-			return NIL;
-		table->nodes = grown;
-		table->capacity = capacity;
+static void remove_slot(struct dma_node *node, uint32_t slot)
+{
+	node->count--;
+	move_slots(node, slot, node, slot + 1, node->count - slot);
+}
+
+/* Child slot of node lost a slot: an empty child goes, a short one joins a neighbour it fits
+ * in. So no node but the root is empty, and the tree stays a few levels deep. */
+static void tidy_child(struct dma_node *node, uint32_t slot)
+{
+	struct dma_node *child = node->children[slot], *left, *right;
+	uint32_t at;
+
+	if (child->count == 0) {
+		free(child);
+		remove_slot(node, slot);
+		return;
 	}
-	return (int32_t)table->used++;
+	node->keys[slot] = child->keys[0];
+	if (child->count >= NODE_SHORT)
+		return;
+	if (slot > 0 && node->children[slot - 1]->count + child->count <= DMA_NODE_SLOTS)
+		at = slot - 1;
+	else if (slot + 1 < node->count &&
+		 child->count + node->children[slot + 1]->count <= DMA_NODE_SLOTS)
+		at = slot;
+	else
+		return;
+	left = node->children[at];
+	right = node->children[at + 1];
+	move_slots(left, left->count, right, 0, right->count);
+	left->count += right->count;
+	free(right);
+	remove_slot(node, at + 1);
+}
+
+/* Removes the region at iova, which is in node's subtree. */
+static void erase(struct dma_node *node, uint64_t iova)
+{
+	int slot = floor_slot(node, iova);
+
+	if (node->leaf) {
+		remove_slot(node, (uint32_t)slot);
+		return;
+	}
+	erase(node->children[slot], iova);
+	tidy_child(node, (uint32_t)slot);
 }
 
 int dma_map(struct dma_table *table, uint64_t iova, uint64_t length, void *vaddr,
 	    uint32_t prot)
 {
-	const struct dma_region *next;
-	int32_t i;
+	const struct dma_region region = { iova, length, vaddr, prot };
+	const struct dma_region *below;
+	struct dma_node *split;
 	int rc = 0;
 
 	if (length == 0 || iova + length < iova)
 		return -EINVAL;
 	pthread_rwlock_wrlock(&table->lock);
-	next = first_ending_above(table, iova);
-	if (next && next->iova < iova + length) {
+	/* Only the last region starting below the new end can overlap it. */
+	below = floor_region(table, iova + length - 1);
+	if (below && below->iova + below->length > iova) {
 		rc = -EEXIST;
 		goto out;
 	}
-	i = take_slot(table);
-	if (i == NIL) {
-		rc = -ENOMEM;
-		goto out;
+	/* A node for each level that may split and one for a new root, before anything
+	 * changes: a failed allocation leaves the tree as it was. */
+	while (table->spare_count < table->height + 1) {
+		struct dma_node *spare = calloc(1, sizeof(*spare));
+
+		if (!spare) {
+			rc = -ENOMEM;
+			goto out;
+		}
+		spare->children[0] = table->spares;
+		table->spares = spare;
+		table->spare_count++;
 	}
-	table->nodes[i] = (struct dma_region){ iova, length, vaddr, prot, NIL, NIL, 1 };
-	table->root = insert(table, table->root, i);
+	if (!table->root) {
+		table->root = take_spare(table);
+		table->root->leaf = true;
+		table->root->count = 0;
+		table->height = 1;
+	}
+	split = insert(table, table->root, &region);
+	if (split) {
+		struct dma_node *top = take_spare(table);
+
+		top->leaf = false;
+		top->count = 2;
+		top->keys[0] = table->root->keys[0];
+		top->children[0] = table->root;
+		top->keys[1] = split->keys[0];
+		top->children[1] = split;
+		table->root = top;
+		table->height++;
+	}
 	table->count++;
 out:
 	pthread_rwlock_unlock(&table->lock);
@@ -223,39 +261,37 @@ out:
 
 static const struct dma_region *find(const struct dma_table *table, uint64_t iova)
 {
-	int32_t i = table->root;
+	const struct dma_region *r = floor_region(table, iova);
 
-	while (i != NIL) {
-		const struct dma_region *r = &table->nodes[i];
-
-		if (iova < r->iova)
-			i = r->left;
-		else if (iova - r->iova < r->length)
-			return r;
-		else
-			i = r->right;
-	}
-	return NULL;
+	return r && iova - r->iova < r->length ? r : NULL;
 }
 
 int dma_unmap(struct dma_table *table, uint64_t iova, uint64_t length)
 {
 	const struct dma_region *r;
-	int32_t i;
 	int rc = -ENOENT;
 
 	/* Taking the write lock is the fence: no descriptor is in progress past here. */
 	pthread_rwlock_wrlock(&table->lock);
-	r = find(table, iova);
+	r = floor_region(table, iova);
 	if (r && r->iova == iova && r->length == length) {
-		i = (int32_t)(r - table->nodes);
-		table->root = remove_at(table, table->root, iova);
-		table->nodes[i].left = table->free;
-		table->free = i;
-		/* The last region gone, so is the pool: a guest that mapped a million pages
-		 * once does not keep their nodes. */
-		if (--table->count == 0)
-			release_nodes(table);
+		struct dma_node *root = table->root;
+
+		erase(root, iova);
+		while (!root->leaf && root->count == 1) {
+			table->root = root->children[0];
+			free(root);
+			root = table->root;
+			table->height--;
+		}
+		/* The last region gone, so are the nodes: a guest that mapped a million pages
+		 * once does not keep them. */
+		if (--table->count == 0) {
+			free(root);
+			table->root = NULL;
+			table->height = 0;
+			free_spares(table);
+		}
 		rc = 0;
 	}
 	pthread_rwlock_unlock(&table->lock);

@@ -21,21 +21,30 @@ struct dma_region {
 	uint64_t length;
 	uint8_t *vaddr;
 	uint32_t prot;
-	int32_t left, right; /* children by iova, or -1; a free slot's next is left */
-	int8_t height; /* of its AVL subtree */
 };
 
-/* An AVL tree of regions by iova (never overlapping), its nodes slots of one pool: a vIOMMU
- * guest maps pages one at a time in any order (Linux allocates IOVAs top down), so each map
- * and unmap costs O(log n), and a lookup is one descent. */
+/* A B+ tree of regions by iova (never overlapping): a vIOMMU guest maps pages one at a time in
+ * any order (Linux allocates IOVAs top down), so a map or an unmap costs O(log n), and a lookup
+ * reads a few nodes, each searched in a few cache lines of keys. */
+#define DMA_NODE_SLOTS 32
+
+struct dma_node {
+	uint32_t count;
+	bool leaf;
+	uint64_t keys[DMA_NODE_SLOTS]; /* a leaf's regions' iovas; an inner node's children's lowest */
+	union {
+		struct dma_node *children[DMA_NODE_SLOTS];
+		struct dma_region regions[DMA_NODE_SLOTS];
+	};
+};
+
 struct dma_table {
 	pthread_rwlock_t lock; /* read: a descriptor in progress; write: map/unmap */
-	struct dma_region *nodes; /* moves when it grows: pointers hold only under the lock */
-	int32_t root; /* -1: empty */
-	int32_t free; /* free slots, or -1 */
+	struct dma_node *root; /* NULL: empty; nodes change only under the write lock */
+	unsigned height; /* levels of nodes */
+	struct dma_node *spares; /* enough for a map's splits, taken before the tree changes */
+	unsigned spare_count;
 	size_t count; /* regions mapped */
-	size_t used; /* slots handed out, free ones included */
-	size_t capacity;
 };
 
 int dma_init(struct dma_table *table);

@@ -4,8 +4,9 @@
  *   dma_table check SEED STEPS   random maps, unmaps and lookups against a model; exit 1 at
  *                                the first difference
  *   dma_table bench COUNT        COUNT one-page maps in ascending IOVA order, unmaps, the same
- *                                in descending order, then lookups of random pages; the best
- *                                time of ROUNDS for each (the machine may be busy)
+ *                                in descending and in random order, then lookups of random
+ *                                pages; the best time of ROUNDS for each (the machine may be
+ *                                busy)
  *
  * tests/test_engine_dma_table.py builds and runs both. */
 #include <errno.h>
@@ -118,17 +119,21 @@ static int check(unsigned seed, int steps)
 	return 0;
 }
 
-static int map_all(struct dma_table *table, uint64_t count, int descending, uint8_t *host)
+/* Maps page order[n] for each n below count. */
+static int map_all(struct dma_table *table, const uint64_t *order, uint64_t count)
 {
 	uint64_t n;
 
-	for (n = 0; n < count; n++) {
-		uint64_t page = descending ? count - 1 - n : n;
-
-		if (dma_map(table, BASE + page * PAGE, PAGE, host, PROT_READABLE | PROT_WRITABLE))
+	for (n = 0; n < count; n++)
+		if (dma_map(table, BASE + order[n] * PAGE, PAGE, memory,
+			    PROT_READABLE | PROT_WRITABLE))
 			return 0;
-	}
 	return 1;
+}
+
+static uint64_t random_below(uint64_t bound)
+{
+	return ((uint64_t)rand() << 31 ^ (uint64_t)rand()) % bound;
 }
 
 static int unmap_all(struct dma_table *table, uint64_t count)
@@ -148,21 +153,35 @@ static double best(double time, double other)
 
 static int bench(uint64_t count)
 {
-	double ascending = 1e9, descending = 1e9, unmap = 1e9, lookup = 1e9, start;
-	struct dma_table table;
+	double ascending = 1e9, descending = 1e9, shuffled = 1e9, unmap = 1e9, lookup = 1e9;
+	uint64_t *orders[3], n, found = 0;
 	static uint64_t targets[LOOKUPS];
-	uint64_t n, found = 0;
+	struct dma_table table;
+	double start;
 	uint8_t *host;
-	int round;
+	int round, o;
 
 	if (dma_init(&table) != 0)
 		return 1;
+	for (o = 0; o < 3; o++) {
+		orders[o] = malloc(count * sizeof(orders[o][0]));
+		if (!orders[o])
+			return fail(0, "malloc");
+	}
 	srand(1);
+	for (n = 0; n < count; n++) {
+		uint64_t other = random_below(n + 1);
+
+		orders[0][n] = n;
+		orders[1][n] = count - 1 - n;
+		orders[2][n] = orders[2][other];
+		orders[2][other] = n;
+	}
 	for (n = 0; n < LOOKUPS; n++)
-		targets[n] = ((uint64_t)rand() << 16 ^ (uint64_t)rand()) % count;
+		targets[n] = random_below(count);
 	for (round = 0; round < ROUNDS; round++) {
 		start = now();
-		if (!map_all(&table, count, 0, memory))
+		if (!map_all(&table, orders[0], count))
 			return fail(round, "ascending map");
 		ascending = best(now() - start, ascending);
 		start = now();
@@ -170,7 +189,13 @@ static int bench(uint64_t count)
 			return fail(round, "unmap");
 		unmap = best(now() - start, unmap);
 		start = now();
-		if (!map_all(&table, count, 1, memory))
+		if (!map_all(&table, orders[2], count))
+			return fail(round, "random map");
+		shuffled = best(now() - start, shuffled);
+		if (!unmap_all(&table, count))
+			return fail(round, "unmap");
+		start = now();
+		if (!map_all(&table, orders[1], count))
 			return fail(round, "descending map");
 		descending = best(now() - start, descending);
 		start = now();
@@ -182,11 +207,13 @@ static int bench(uint64_t count)
 			return fail(round, "unmap");
 	}
 	dma_destroy(&table);
+	for (o = 0; o < 3; o++)
+		free(orders[o]);
 	if (found != (uint64_t)ROUNDS * LOOKUPS)
 		return fail(0, "a lookup");
-	printf("%llu one-page maps, best of %d: ascending %.3f s, descending %.3f s, unmaps "
-	       "%.3f s; random lookups %.0f ns each\n", (unsigned long long)count, ROUNDS,
-	       ascending, descending, unmap, lookup / LOOKUPS * 1e9);
+	printf("%llu one-page maps, best of %d: ascending %.3f s, descending %.3f s, random %.3f s, "
+	       "unmaps %.3f s; random lookups %.0f ns each\n", (unsigned long long)count, ROUNDS,
+	       ascending, descending, shuffled, unmap, lookup / LOOKUPS * 1e9);
 	return 0;
 }
 
