@@ -37,7 +37,10 @@ from vdsa_server.device.descriptors import DsaOpcode as Op
 
 PAGE = mmap.PAGESIZE
 PAGES = 0x2000_0000  # IOVAs the tests map page by page, as a vIOMMU guest does
-MAX_DMA_MAPS = 1 << 20  # qemu-configs/patches/libvfio-user/0004
+# What VERSION offers as max_dma_maps (patch 0003): since patch 0004 the server takes 1,048,576
+# regions, but offers at most the specification's default, 65535, as QEMU refuses a server that
+# offers more.
+ADVERTISED_DMA_MAPS = 65535
 
 
 @contextmanager
@@ -153,8 +156,8 @@ async def test_an_unmap_that_would_cut_a_region_removes_nothing(guest: Guest) ->
 
 async def test_the_server_says_how_many_maps_it_takes_and_takes_them(guest: Guest) -> None:
     """A vIOMMU guest maps page by page: far more than libvfio-user's 16 regions as shipped.
-    The VERSION reply says the limit (patch 0003), and as many maps work."""
-    assert guest.client.server_version.max_dma_maps == MAX_DMA_MAPS
+    The VERSION reply says how many it takes (patch 0003), and many more maps work."""
+    assert guest.client.server_version.max_dma_maps == ADVERTISED_DMA_MAPS
     with pages(256) as regions:
         for region in regions:
             await guest.client.dma_map(region)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.test_dma_mapping import MAX_DMA_MAPS, copy_page, unmap
+from tests.test_dma_mapping import ADVERTISED_DMA_MAPS, copy_page, unmap
 from tests.test_engine_protocol import connected_guest, noise, server_process
 from vdsa_server.bench.serving import sample_process
 from vdsa_server.client import GuestMemory
@@ -62,8 +62,8 @@ async def test_a_gib_of_pages_of_one_memfd_costs_one_fd_and_one_mapping(tmp_path
     samples = [0, COUNT - 1, *random.Random(0).sample(range(1, COUNT - 1), SAMPLES - 2)]
     async with server_process(socket, tmp_path / "server.log") as server, \
             connected_guest(socket, None) as guest:
-        assert guest.client.server_version.max_dma_maps == MAX_DMA_MAPS
-        assert MAX_DMA_MAPS >= COUNT
+        # QEMU takes no more than 65535 offered, and does not count what it sends.
+        assert guest.client.server_version.max_dma_maps == ADVERTISED_DMA_MAPS < COUNT
         with GuestMemory(0, COUNT * PAGE, name=MEMFD) as ram:
             for page in samples:
                 ram.write(file_page(page) * PAGE, noise(PAGE, page))
