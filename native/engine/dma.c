@@ -5,6 +5,9 @@
 
 #include "internal.h"
 
+/* Below this many slots a node is merged with a neighbour it fits in. */
+#define NODE_SHORT (DMA_NODE_SLOTS / 4)
+
 int dma_init(struct dma_table *table)
 {
 	pthread_rwlockattr_t attr;
@@ -19,91 +22,280 @@ int dma_init(struct dma_table *table)
 	return -rc;
 }
 
+static void free_subtree(struct dma_node *node)
+{
+	uint32_t i;
+
+	for (i = 0; !node->leaf && i < node->count; i++)
+		free_subtree(node->children[i]);
+	free(node);
+}
+
+static void free_spares(struct dma_table *table)
+{
+	while (table->spares) {
+		struct dma_node *next = table->spares->children[0];
+
+		free(table->spares);
+		table->spares = next;
+	}
+	table->spare_count = 0;
+}
+
 void dma_destroy(struct dma_table *table)
 {
 	pthread_rwlock_destroy(&table->lock);
-	free(table->regions);
-	table->regions = NULL;
+	if (table->root)
+		free_subtree(table->root);
+	table->root = NULL;
+	free_spares(table);
 }
 
-/* Index of the first region whose end is above iova. */
-static size_t first_ending_above(const struct dma_table *table, uint64_t iova)
+/* The last slot whose key is at most key, or -1. */
+static int floor_slot(const struct dma_node *node, uint64_t key)
 {
-	size_t low = 0, high = table->count;
+	uint32_t low = 0, high = node->count;
 
 	while (low < high) {
-		size_t mid = low + (high - low) / 2;
-		const struct dma_region *r = &table->regions[mid];
+		uint32_t mid = (low + high) / 2;
 
-		if (r->iova + r->length <= iova)
+		if (node->keys[mid] <= key)
 			low = mid + 1;
 		else
 			high = mid;
 	}
-	return low;
+	return (int)low - 1;
+}
+
+/* The region with the highest iova at most key, or NULL. */
+static const struct dma_region *floor_region(const struct dma_table *table, uint64_t key)
+{
+	const struct dma_node *node = table->root;
+
+	while (node) {
+		int slot = floor_slot(node, key);
+
+		if (slot < 0)
+			return NULL;
+		if (node->leaf)
+			return &node->regions[slot];
+		node = node->children[slot];
+	}
+	return NULL;
+}
+
+/* Moves count slots of from, from start on, to slot at of to (the same kind of node). */
+static void move_slots(struct dma_node *to, uint32_t at, struct dma_node *from, uint32_t start,
+		       uint32_t count)
+{
+	memmove(&to->keys[at], &from->keys[start], count * sizeof(to->keys[0]));
+	if (to->leaf)
+		memmove(&to->regions[at], &from->regions[start], count * sizeof(to->regions[0]));
+	else
+		memmove(&to->children[at], &from->children[start],
+			count * sizeof(to->children[0]));
+}
+
+static struct dma_node *take_spare(struct dma_table *table)
+{
+	struct dma_node *node = table->spares;
+
+	table->spares = node->children[0];
+	table->spare_count--;
+	return node;
+}
+
+/* Puts a region (in a leaf) or a child (in an inner node) at slot of node, splitting a full
+ * node in two; returns the new right half, or NULL.  A put at either end of a full node leaves
+ * it full and starts the new one with the put alone: maps in ascending or descending order then
+ * fill their nodes, where halves would leave every node half empty. */
+static struct dma_node *put(struct dma_table *table, struct dma_node *node, uint32_t slot,
+			    const struct dma_region *region, struct dma_node *child)
+{
+	struct dma_node *right = NULL;
+
+	if (node->count == DMA_NODE_SLOTS) {
+		uint32_t cut = slot == 0 || slot == DMA_NODE_SLOTS ? slot : DMA_NODE_SLOTS / 2;
+
+		right = take_spare(table);
+		right->leaf = node->leaf;
+		right->count = DMA_NODE_SLOTS - cut;
+		move_slots(right, 0, node, cut, right->count);
+		node->count = cut;
+		if (slot > cut || cut == DMA_NODE_SLOTS) {
+			slot -= cut;
+			node = right;
+		}
+	}
+	move_slots(node, slot + 1, node, slot, node->count - slot);
+	if (node->leaf) {
+		node->keys[slot] = region->iova;
+		node->regions[slot] = *region;
+	} else {
+		node->keys[slot] = child->keys[0];
+		node->children[slot] = child;
+	}
+	node->count++;
+	return right;
+}
+
+/* Recursion as deep as the tree: a few levels. */
+static struct dma_node *insert(struct dma_table *table, struct dma_node *node,
+			       const struct dma_region *region)
+{
+	int slot = floor_slot(node, region->iova);
+	struct dma_node *split;
+
+	if (node->leaf)
+		return put(table, node, (uint32_t)(slot + 1), region, NULL);
+	if (slot < 0)
+		slot = 0;
+	split = insert(table, node->children[slot], region);
+	node->keys[slot] = node->children[slot]->keys[0];
+	return split ? put(table, node, (uint32_t)slot + 1, NULL, split) : NULL;
+}
+
+static void remove_slot(struct dma_node *node, uint32_t slot)
+{
+	node->count--;
+	move_slots(node, slot, node, slot + 1, node->count - slot);
+}
+
+/* Child slot of node lost a slot: an empty child goes, a short one joins a neighbour it fits
+ * in. So no node but the root is empty, and the tree stays a few levels deep. */
+static void tidy_child(struct dma_node *node, uint32_t slot)
+{
+	struct dma_node *child = node->children[slot], *left, *right;
+	uint32_t at;
+
+	if (child->count == 0) {
+		free(child);
+		remove_slot(node, slot);
+		return;
+	}
+	node->keys[slot] = child->keys[0];
+	if (child->count >= NODE_SHORT)
+		return;
+	if (slot > 0 && node->children[slot - 1]->count + child->count <= DMA_NODE_SLOTS)
+		at = slot - 1;
+	else if (slot + 1 < node->count &&
+		 child->count + node->children[slot + 1]->count <= DMA_NODE_SLOTS)
+		at = slot;
+	else
+		return;
+	left = node->children[at];
+	right = node->children[at + 1];
+	move_slots(left, left->count, right, 0, right->count);
+	left->count += right->count;
+	free(right);
+	remove_slot(node, at + 1);
+}
+
+/* Removes the region at iova, which is in node's subtree. */
+static void erase(struct dma_node *node, uint64_t iova)
+{
+	int slot = floor_slot(node, iova);
+
+	if (node->leaf) {
+		remove_slot(node, (uint32_t)slot);
+		return;
+	}
+	erase(node->children[slot], iova);
+	tidy_child(node, (uint32_t)slot);
 }
 
 int dma_map(struct dma_table *table, uint64_t iova, uint64_t length, void *vaddr,
 	    uint32_t prot)
 {
-	size_t at;
+	const struct dma_region region = { iova, length, vaddr, prot };
+	const struct dma_region *below;
+	struct dma_node *split;
 	int rc = 0;
 
 	if (length == 0 || iova + length < iova)
 		return -EINVAL;
 	pthread_rwlock_wrlock(&table->lock);
-	at = first_ending_above(table, iova);
-	if (at < table->count && table->regions[at].iova < iova + length) {
+	/* Only the last region starting below the new end can overlap it. */
+	below = floor_region(table, iova + length - 1);
+	if (below && below->iova + below->length > iova) {
 		rc = -EEXIST;
 		goto out;
 	}
-	if (table->count == table->capacity) {
-		size_t capacity = table->capacity ? 2 * table->capacity : 16;
-		struct dma_region *grown =
-			realloc(table->regions, capacity * sizeof(*grown));
+	/* A node for each level that may split and one for a new root, before anything
+	 * changes: a failed allocation leaves the tree as it was. */
+	while (table->spare_count < table->height + 1) {
+		struct dma_node *spare = calloc(1, sizeof(*spare));
 
-		if (!grown) {
+		if (!spare) {
 			rc = -ENOMEM;
 			goto out;
 		}
-		table->regions = grown;
-		table->capacity = capacity;
+		spare->children[0] = table->spares;
+		table->spares = spare;
+		table->spare_count++;
 	}
-	memmove(&table->regions[at + 1], &table->regions[at],
-		(table->count - at) * sizeof(table->regions[0]));
-	table->regions[at] = (struct dma_region){ iova, length, vaddr, prot };
+	if (!table->root) {
+		table->root = take_spare(table);
+		table->root->leaf = true;
+		table->root->count = 0;
+		table->height = 1;
+	}
+	split = insert(table, table->root, &region);
+	if (split) {
+		struct dma_node *top = take_spare(table);
+
+		top->leaf = false;
+		top->count = 2;
+		top->keys[0] = table->root->keys[0];
+		top->children[0] = table->root;
+		top->keys[1] = split->keys[0];
+		top->children[1] = split;
+		table->root = top;
+		table->height++;
+	}
 	table->count++;
 out:
 	pthread_rwlock_unlock(&table->lock);
 	return rc;
 }
 
+static const struct dma_region *find(const struct dma_table *table, uint64_t iova)
+{
+	const struct dma_region *r = floor_region(table, iova);
+
+	return r && iova - r->iova < r->length ? r : NULL;
+}
+
 int dma_unmap(struct dma_table *table, uint64_t iova, uint64_t length)
 {
-	size_t at;
+	const struct dma_region *r;
 	int rc = -ENOENT;
 
 	/* Taking the write lock is the fence: no descriptor is in progress past here. */
 	pthread_rwlock_wrlock(&table->lock);
-	at = first_ending_above(table, iova);
-	if (at < table->count && table->regions[at].iova == iova &&
-	    table->regions[at].length == length) {
-		memmove(&table->regions[at], &table->regions[at + 1],
-			(table->count - at - 1) * sizeof(table->regions[0]));
-		table->count--;
+	r = floor_region(table, iova);
+	if (r && r->iova == iova && r->length == length) {
+		struct dma_node *root = table->root;
+
+		erase(root, iova);
+		while (!root->leaf && root->count == 1) {
+			table->root = root->children[0];
+			free(root);
+			root = table->root;
+			table->height--;
+		}
+		/* The last region gone, so are the nodes: a guest that mapped a million pages
+		 * once does not keep them. */
+		if (--table->count == 0) {
+			free(root);
+			table->root = NULL;
+			table->height = 0;
+			free_spares(table);
+		}
 		rc = 0;
 	}
 	pthread_rwlock_unlock(&table->lock);
 	return rc;
-}
-
-static const struct dma_region *find(const struct dma_table *table, uint64_t iova)
-{
-	size_t at = first_ending_above(table, iova);
-
-	if (at < table->count && table->regions[at].iova <= iova)
-		return &table->regions[at];
-	return NULL;
 }
 
 static bool permits(const struct dma_region *r, uint32_t prot)

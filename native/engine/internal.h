@@ -23,11 +23,28 @@ struct dma_region {
 	uint32_t prot;
 };
 
+/* A B+ tree of regions by iova (never overlapping): a vIOMMU guest maps pages one at a time in
+ * any order (Linux allocates IOVAs top down), so a map or an unmap costs O(log n), and a lookup
+ * reads a few nodes, each searched in a few cache lines of keys. */
+#define DMA_NODE_SLOTS 32
+
+struct dma_node {
+	uint32_t count;
+	bool leaf;
+	uint64_t keys[DMA_NODE_SLOTS]; /* a leaf's regions' iovas; an inner node's children's lowest */
+	union {
+		struct dma_node *children[DMA_NODE_SLOTS];
+		struct dma_region regions[DMA_NODE_SLOTS];
+	};
+};
+
 struct dma_table {
 	pthread_rwlock_t lock; /* read: a descriptor in progress; write: map/unmap */
-	struct dma_region *regions; /* sorted by iova, never overlapping */
-	size_t count;
-	size_t capacity;
+	struct dma_node *root; /* NULL: empty; nodes change only under the write lock */
+	unsigned height; /* levels of nodes */
+	struct dma_node *spares; /* enough for a map's splits, taken before the tree changes */
+	unsigned spare_count;
+	size_t count; /* regions mapped */
 };
 
 int dma_init(struct dma_table *table);

@@ -20,6 +20,7 @@ from vdsa_server.transport.libvfio_user import ENV_LIBRARY
 
 SERVER_START = 30.0  # seconds for `vdsa serve` to listen (Python, the engine, sanitizers)
 LOG_TAIL = 3000  # characters of a failed server's log in the error
+SO_ACCEPTCON = 0x10000  # a listening socket's flag in /proc/net/unix (include/linux/net.h)
 # The quarantine keeps freed memory from reuse to catch use-after-free; bounded, so that the
 # memory-growth check sees the server's own growth and not ASan's.
 ASAN_OPTIONS = "detect_leaks=0:quarantine_size_mb=16:abort_on_error=1"
@@ -70,7 +71,7 @@ async def serving(socket: Path, log_file: Path, env: Mapping[str, str] | None = 
             try:
                 # Python, the engine (and sanitizers, in tests) load first: a slow start.
                 with trio.fail_after(SERVER_START):
-                    while not await trio.Path(socket).exists():
+                    while not _listening(socket):
                         if process.returncode is not None:
                             raise ServeError(f"vdsa serve exited with {process.returncode}; "
                                              f"{log_tail(log_file)}")
@@ -78,6 +79,18 @@ async def serving(socket: Path, log_file: Path, env: Mapping[str, str] | None = 
                 yield process
             finally:
                 nursery.cancel_scope.cancel()
+
+
+def _listening(socket: Path) -> bool:
+    """Whether the socket bound at ``socket`` listens yet: its file exists from bind() on, and
+    a connect before listen() is refused.  ``/proc/net/unix`` shows it without connecting
+    (which the server would take for its client): __SO_ACCEPTCON in the flags."""
+    path = str(socket)
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & SO_ACCEPTCON:
+            return True
+    return False
 
 
 def log_tail(log_file: Path) -> str:

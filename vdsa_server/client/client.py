@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import mmap
 import os
 import socket
 from array import array
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ from vdsa_server.vfio import PciIrq, PciRegion
 log = get_logger()
 
 DEFAULT_REQUEST_TIMEOUT = 5.0
+PIPELINE_WINDOW = 64  # requests in flight at once in request_many
 CLIENT_MAX_MSG_FDS = 8
 CLIENT_CAPABILITIES: Mapping[str, object] = MappingProxyType({
     "max_msg_fds": CLIENT_MAX_MSG_FDS,
@@ -592,6 +594,78 @@ class VfioUserClient:
         if reply.header.is_error:
             raise VfioUserError(command, reply.header.error)
         return reply
+
+    async def request_many(self, command: Command, payloads: Iterable[bytes], *,
+                           fds: Sequence[int] = (), window: int = PIPELINE_WINDOW) -> list[int]:
+        """Send ``command`` once with each payload (and ``fds`` with each) without waiting for
+        each reply in turn; returns each reply's errno (0: success) in order.  One request at a
+        time costs a round trip each, and a vIOMMU guest makes hundreds of thousands of
+        DMA_MAPs.  ``window`` requests go out back to back, then their replies come in: each
+        side runs through many messages per wake-up instead of the two taking turns, and the
+        fds in flight (counted against the sender's fd limit until the server reads them) stay
+        bounded."""
+        if window < 1:
+            raise ValueError(f"a window of {window} requests")
+        errnos: list[int] = []
+        remaining = iter(payloads)
+        while batch := list(itertools.islice(remaining, window)):
+            pending: list[tuple[int, _Waiter]] = []
+            try:
+                for _ in batch:
+                    msg_id = self._ids.allocate(self._waiters)
+                    pending.append((msg_id, self._waiters.setdefault(msg_id, _Waiter())))
+                with trio.move_on_after(self.request_timeout) as scope:
+                    await self._send_all([encode_message(msg_id, command, payload)
+                                          for (msg_id, _), payload in zip(pending, batch,
+                                                                          strict=True)], fds)
+                    for _, waiter in pending:
+                        if not waiter.done.is_set():
+                            await waiter.done.wait()
+            finally:
+                for msg_id, _ in pending:
+                    del self._waiters[msg_id]
+            if scope.cancelled_caught:
+                raise VfioUserTimeout(f"{command_name(command)}: {len(batch)} requests not "
+                                      f"answered within {self.request_timeout} s")
+            errnos.extend(self._reply_errno(command, msg_id, waiter)
+                          for msg_id, waiter in pending)
+        return errnos
+
+    def _reply_errno(self, command: Command, msg_id: int, waiter: _Waiter) -> int:
+        if waiter.reply is None:
+            raise self._connection_closed()
+        if waiter.reply.header.command != command:
+            raise ProtocolError(f"{command.name} msg_id {msg_id}: the reply is for "
+                                f"{command_name(waiter.reply.header.command)}")
+        return waiter.reply.header.error if waiter.reply.header.is_error else 0
+
+    async def _send_all(self, messages: Sequence[bytes], fds: Sequence[int]) -> None:
+        """Send whole messages back to back, each with ``fds``, as :meth:`_send` sends one, but
+        without a trip through trio's scheduler for each: a copy of the socket sends them as
+        fast as the kernel takes them, and waits only when it takes no more."""
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds).tobytes())] \
+            if fds else []
+        async with self._send_lock:
+            if self._closed is not None:
+                raise self._connection_closed()
+            with socket.socket(fileno=os.dup(self._sock.fileno())) as raw:
+                raw.setblocking(False)
+                for message in messages:
+                    sent = 0
+                    try:
+                        while sent < len(message):
+                            try:
+                                sent += raw.sendmsg([memoryview(message)[sent:]],
+                                                    [] if sent else ancillary)
+                            except BlockingIOError:
+                                await trio.lowlevel.wait_writable(raw)
+                    except OSError as exc:
+                        self._mark_closed(f"send failed: {exc}", exc)
+                        raise self._connection_closed() from exc
+                    except BaseException:
+                        if sent:
+                            self._mark_closed("a send was interrupted mid-message")
+                        raise
 
     async def post(self, command: Command, payload: bytes = b"", *,
                    fds: Sequence[int] = ()) -> None:

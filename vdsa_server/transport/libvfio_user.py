@@ -503,7 +503,8 @@ QuiesceCallback = Callable[[], bool]
 call :meth:`Context.device_quiesced` when done."""
 
 
-@dataclass(frozen=True)
+# Slots: the server keeps one for each region, and a vIOMMU guest has hundreds of thousands.
+@dataclass(frozen=True, slots=True)
 class DmaRegion:
     """A guest DMA region from ``vfu_dma_info_t``.  ``vaddr`` (and the other
     mapping fields) are set only when the client passed an fd for it, i.e. the
