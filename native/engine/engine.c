@@ -140,7 +140,7 @@ void vdsa_engine_destroy(struct vdsa_engine *engine)
 	free(engine);
 }
 
-/* --- Services for ops.c ----------------------------------------------------------------- */
+/* --- Services for descriptor.c and the operations --------------------------------------- */
 
 struct dma_table *engine_dma(struct vdsa_engine *engine)
 {

@@ -6,6 +6,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "vdsa_engine.h"
 
@@ -79,7 +80,7 @@ uint32_t crc_update(uint32_t state, const uint8_t *data, uint64_t length, uint32
 uint32_t crc_end(uint32_t state, uint32_t flags);
 uint16_t crc16_t10(uint16_t seed, const uint8_t *data, uint64_t length);
 
-/* --- ops.c: one descriptor ------------------------------------------------ */
+/* --- descriptor.c: one descriptor ----------------------------------------- */
 
 struct vdsa_engine;
 
@@ -97,7 +98,111 @@ bool execute_descriptor(struct exec_context *ctx, const uint8_t *descriptor);
 /* A batch (unbounded work) or a drain (waits for other engines). */
 bool descriptor_may_block(const uint8_t *descriptor);
 
-/* --- engine.c services used by ops.c -------------------------------------- */
+/* --- descriptor.c and ops_*.c: the operations ----------------------------- */
+
+enum opcode {
+	OP_NOOP = 0x00, OP_BATCH = 0x01, OP_DRAIN = 0x02, OP_MEMMOVE = 0x03, OP_MEMFILL = 0x04,
+	OP_COMPARE = 0x05, OP_COMPVAL = 0x06, OP_CR_DELTA = 0x07, OP_AP_DELTA = 0x08,
+	OP_DUALCAST = 0x09, OP_CRCGEN = 0x10, OP_COPY_CRC = 0x11, OP_DIF_CHECK = 0x12,
+	OP_DIF_INS = 0x13, OP_DIF_STRP = 0x14, OP_DIF_UPDT = 0x15, OP_CFLUSH = 0x20,
+	OP_LIMIT = 0x21,
+};
+
+enum status {
+	ST_SUCCESS = 0x01, ST_SUCCESS_PRED = 0x02, ST_PAGE_FAULT_NOBOF = 0x03,
+	ST_BATCH_FAIL = 0x05, ST_BATCH_PAGE_FAULT = 0x06, ST_DR_OFFSET_NOINC = 0x07,
+	ST_DR_OFFSET_ERANGE = 0x08, ST_DIF_ERR = 0x09, ST_BAD_OPCODE = 0x10,
+	ST_INVALID_FLAGS = 0x11, ST_NOZERO_RESERVE = 0x12, ST_XFER_ERANGE = 0x13,
+	ST_DESC_CNT_ERANGE = 0x14, ST_DR_ERANGE = 0x15, ST_OVERLAP_BUFFERS = 0x16,
+	ST_DCAST_ERR = 0x17, ST_DESCLIST_ALIGN = 0x18, ST_INT_HANDLE_INVAL = 0x19,
+	ST_CRA_XLAT = 0x1a, ST_CRA_ALIGN = 0x1b, ST_ADDR_ALIGN = 0x1c,
+	/* Not a DSA code: a batch entry left undone by a fence or an abort. */
+	ST_ABANDONED = 0x100,
+};
+
+#define STATUS_WRITE_FAULT 0x80
+
+enum flag {
+	F_FENCE = 0x1, F_BOF = 0x2, F_CRAV = 0x4, F_RCR = 0x8, F_RCI = 0x10, F_CHECK = 0x80,
+	F_CC = 0x100, F_A1 = 0x200, F_A2 = 0x400, F_A3 = 0x800, F_STORD = 0x2000,
+	F_DRDBK = 0x4000, F_OP16 = 1u << 16, F_OP17 = 1u << 17, F_OP18 = 1u << 18,
+};
+
+#define F_CRC_OPS (F_OP16 | F_OP17 | F_OP18)
+
+static inline uint16_t le16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t le32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t le64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void put16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* [a, a + la) and [b, b + lb) share a byte (lengths non-zero). */
+static inline bool overlaps(uint64_t a, uint64_t la, uint64_t b, uint64_t lb)
+{
+	return (unsigned __int128)a < (unsigned __int128)b + lb &&
+	       (unsigned __int128)b < (unsigned __int128)a + la;
+}
+
+static inline bool wraps(uint64_t addr, uint64_t length)
+{
+	return length && addr > UINT64_MAX - (length - 1);
+}
+
+/* What an operation reports, for the completion record. */
+struct outcome {
+	uint32_t status; /* enum status, possibly | STATUS_WRITE_FAULT */
+	uint8_t result;
+	uint32_t bytes_completed;
+	uint64_t fault_addr;
+	uint8_t specific[16]; /* record bytes 16-31 */
+};
+
+/* One descriptor in progress. */
+struct job {
+	struct exec_context *ctx;
+	const struct dma_table *dma;
+	const uint8_t *d;
+	uint8_t op; /* d[7]: lets one handler serve the opcodes of a family */
+	uint32_t flags;
+	uint32_t size;
+	struct outcome *out;
+};
+
+/* A page fault at addr after completed bytes; returns the status it set. */
+uint32_t fault(struct job *job, uint64_t addr, uint64_t completed, bool write);
+/* One descriptor, in a batch when batch_index >= 0 (ops_batch.c runs the entries); returns
+ * its status. */
+uint32_t process_descriptor(struct exec_context *ctx, const struct dma_table *dma,
+			    const uint8_t *d, int batch_index);
+
+/* The opcodes' own checks (README.md, check 7, after the transfer size): 0 when the
+ * descriptor may run, else its status. */
+uint32_t check_batch(const struct job *job);
+uint32_t check_cr_delta(const struct job *job);
+uint32_t check_ap_delta(const struct job *job);
+uint32_t check_dualcast(const struct job *job);
+uint32_t check_crc(const struct job *job);
+uint32_t check_dif(const struct job *job);
+
+/* The operations; each returns the status. ops_batch.c: */
+uint32_t op_noop(struct job *job);
+uint32_t op_batch(struct job *job);
+uint32_t op_drain(struct job *job);
+/* ops_move.c: */
+uint32_t op_memmove(struct job *job);
+uint32_t op_memfill(struct job *job);
+uint32_t op_compare(struct job *job); /* COMPARE and COMPVAL */
+uint32_t op_cr_delta(struct job *job);
+uint32_t op_ap_delta(struct job *job);
+uint32_t op_dualcast(struct job *job);
+uint32_t op_cflush(struct job *job);
+/* ops_crc.c: CRCGEN and COPY_CRC. */
+uint32_t op_crc(struct job *job);
+/* ops_dif.c: DIF_CHECK, DIF_INS, DIF_STRP and DIF_UPDT. */
+uint32_t op_dif(struct job *job);
+
+/* --- engine.c services used by descriptor.c and ops_*.c ------------------- */
 
 struct dma_table *engine_dma(struct vdsa_engine *engine);
 bool engine_opcode_supported(const struct vdsa_engine *engine, uint8_t opcode);
