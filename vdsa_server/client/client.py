@@ -541,25 +541,7 @@ class VfioUserClient:
 
     async def _send(self, message: bytes, fds: Sequence[int] = ()) -> None:
         """Send one whole message; messages never interleave on the socket."""
-        async with self._send_lock:
-            if self._closed is not None:
-                raise self._connection_closed()
-            sent = 0
-            try:
-                if fds:
-                    rights = array("i", fds).tobytes()
-                    sent = await self._sock.sendmsg(
-                        [message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
-                while sent < len(message):
-                    sent += await self._sock.send(memoryview(message)[sent:])
-            except OSError as exc:
-                self._mark_closed(f"send failed: {exc}", exc)
-                raise self._connection_closed() from exc
-            except BaseException:
-                if sent:
-                    # A cut-off message leaves the server reading our next one as its tail.
-                    self._mark_closed("a send was interrupted mid-message")
-                raise
+        await self._send_all([message], fds)
 
     async def _exchange(self, command: int, msg_id: int, message: bytes,
                         fds: Sequence[int]) -> Message:
@@ -640,9 +622,9 @@ class VfioUserClient:
         return waiter.reply.header.error if waiter.reply.header.is_error else 0
 
     async def _send_all(self, messages: Sequence[bytes], fds: Sequence[int]) -> None:
-        """Send whole messages back to back, each with ``fds``, as :meth:`_send` sends one, but
-        without a trip through trio's scheduler for each: a copy of the socket sends them as
-        fast as the kernel takes them, and waits only when it takes no more."""
+        """Send whole messages back to back, each with ``fds``, without a trip through trio's
+        scheduler for each: a copy of the socket sends them as fast as the kernel takes them,
+        and waits only when it takes no more."""
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds).tobytes())] \
             if fds else []
         async with self._send_lock:
@@ -664,6 +646,8 @@ class VfioUserClient:
                         raise self._connection_closed() from exc
                     except BaseException:
                         if sent:
+                            # A cut-off message leaves the server reading our next one as
+                            # its tail.
                             self._mark_closed("a send was interrupted mid-message")
                         raise
 
