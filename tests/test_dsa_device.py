@@ -87,10 +87,12 @@ class RecordingIrq:
 
 
 class RecordingEngine:
-    """A WqEngine that remembers how the device drove it (the engine itself has its tests)."""
+    """A WqEngine that remembers how the device drove it (the engine itself has its tests).
+    The WQs in ``busy`` have descriptors left: a drain or disable started on them waits."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[object, ...]] = []
+        self.busy: set[int] = set()
 
     def enable_wq(self, wq: int, settings: WqSettings) -> None:
         self.calls.append(("enable", wq, settings))
@@ -98,8 +100,14 @@ class RecordingEngine:
     def disable_wq(self, wq: int) -> None:
         self.calls.append(("disable", wq))
 
-    def drain_wq(self, wq: int) -> None:
-        self.calls.append(("drain", wq))
+    def start_disable(self, wq: int) -> None:
+        self.calls.append(("start_disable", wq))
+
+    def start_drain(self, wq: int) -> None:
+        self.calls.append(("start_drain", wq))
+
+    def waiting(self, wq: int) -> bool:
+        return wq in self.busy
 
     def abort_wq(self, wq: int) -> None:
         self.calls.append(("abort", wq))
@@ -829,7 +837,8 @@ def test_wq_commands_reach_the_engine(rig: Rig) -> None:
     rig.engine.take()
     for command in (IdxdCmd.DRAIN_WQ, IdxdCmd.ABORT_WQ, IdxdCmd.DRAIN_ALL, IdxdCmd.ABORT_ALL):
         assert rig.err(command, wq_operand(0)) is IdxdCmdstsErr.SUCCESS
-    assert rig.engine.take() == [("drain", 0), ("abort", 0), ("drain", 0), ("abort", 0)]
+    assert rig.engine.take() == [("start_drain", 0), ("abort", 0), ("start_drain", 0),
+                                 ("abort", 0)]
     # Reset WQ abandons what is queued, then disables.
     assert rig.err(IdxdCmd.RESET_WQ, wq_operand(0)) is IdxdCmdstsErr.SUCCESS
     assert rig.engine.take() == [("abort", 0), ("disable", 0)]
@@ -839,7 +848,71 @@ def test_disable_device_disables_enabled_wqs_only(rig: Rig) -> None:
     rig.enable_wq0()
     rig.engine.take()
     assert rig.err(IdxdCmd.DISABLE_DEVICE) is IdxdCmdstsErr.SUCCESS
-    assert rig.engine.take() == [("disable", 0)]
+    assert rig.engine.take() == [("start_disable", 0)]
+
+
+def issue(rig: Rig, cmd: int, operand: int = 0) -> None:
+    """Write CMD with int_req and return without looking at CMDSTS."""
+    reg = IdxdCommandReg()
+    reg.cmd, reg.operand, reg.int_req = cmd, operand, 1
+    rig.write(IDXD_CMD_OFFSET, reg.bits)
+
+
+@pytest.mark.parametrize("cmd", [IdxdCmd.DRAIN_WQ, IdxdCmd.DISABLE_WQ, IdxdCmd.DRAIN_ALL,
+                                 IdxdCmd.DISABLE_DEVICE])
+def test_a_command_waiting_for_descriptors_stays_active_until_the_engine_is_done(
+        rig: Rig, cmd: IdxdCmd) -> None:
+    """The register write returns at once (the server's loop goes on); CMDSTS is active, no
+    interrupt, WQ and device states unchanged, until the engine's wait is over."""
+    rig.enable_wq0()
+    rig.engine.busy.add(0)
+    issue(rig, cmd, wq_operand(0))
+    for _ in range(3):
+        rig.device.poll_commands()  # a wait over on some other WQ changes nothing
+        assert rig.cmdsts().active
+        assert rig.irq.take() == []
+        assert rig.device.wq_state(0) is IdxdWqState.ENABLED
+        assert rig.state() is IdxdDeviceStatusState.ENABLED
+    rig.engine.busy.clear()
+    rig.device.poll_commands()
+    status = rig.cmdsts()
+    assert (status.active, status.err) == (0, IdxdCmdstsErr.SUCCESS)
+    assert rig.irq.take() == [0]
+    assert rig.read(IDXD_INTCAUSE_OFFSET) & IdxdIntc.CMD
+    disabled = cmd in (IdxdCmd.DISABLE_WQ, IdxdCmd.DISABLE_DEVICE)
+    assert (rig.device.wq_state(0) is IdxdWqState.DISABLED) == disabled
+    assert (rig.state() is IdxdDeviceStatusState.DISABLED) == (cmd is IdxdCmd.DISABLE_DEVICE)
+
+
+def test_a_command_written_while_one_is_active_is_dropped(rig: Rig) -> None:
+    rig.enable_wq0()
+    rig.engine.busy.add(0)
+    issue(rig, IdxdCmd.DRAIN_WQ, wq_operand(0))
+    rig.engine.take()
+    issue(rig, IdxdCmd.ABORT_WQ, wq_operand(0))
+    assert rig.engine.take() == []
+    assert rig.cmdsts().active
+    rig.engine.busy.clear()
+    rig.device.poll_commands()
+    assert (rig.cmdsts().active, rig.irq.take()) == (0, [0])
+    rig.write(IDXD_INTCAUSE_OFFSET, IdxdIntc.CMD)
+    assert rig.err(IdxdCmd.ABORT_WQ, wq_operand(0)) is IdxdCmdstsErr.SUCCESS
+
+
+def test_a_reset_ends_an_active_command_and_a_halt_fails_it(rig: Rig) -> None:
+    rig.enable_wq0()
+    rig.engine.busy.add(0)
+    issue(rig, IdxdCmd.DISABLE_WQ, wq_operand(0))
+    rig.device.reset()
+    assert rig.cmdsts().bits == 0
+    rig.device.poll_commands()
+    assert (rig.cmdsts().bits, rig.irq.take()) == (0, [])
+    rig.enable_wq0()
+    issue(rig, IdxdCmd.DRAIN_WQ, wq_operand(0))
+    rig.device.halt(IdxdDeviceResetType.SOFTWARE)
+    status = rig.cmdsts()
+    assert (status.active, status.err) == (0, IdxdCmdstsErr.HW_ERR)
+    assert 0 in rig.irq.take()
 
 
 def test_resets_reset_the_engine(rig: Rig) -> None:

@@ -237,6 +237,74 @@ def test_disable_finishes_queued_work(rig: Rig) -> None:
     assert rig.engine.counters(0).dropped_disabled == 1
 
 
+async def wait_command_fd(engine: Engine) -> None:
+    with trio.fail_after(WAIT):
+        await trio.lowlevel.wait_readable(engine.command_fd)
+    os.read(engine.command_fd, 8)
+
+
+async def test_a_started_disable_returns_at_once_and_the_workers_finish_the_queue() -> None:
+    """One engine: a long batch runs, a NOOP waits behind it. disable_start returns while both
+    are left, takes no more descriptors, and the eventfd says when the queue is done."""
+    with Engine(num_wqs=1, num_msix=2) as engine:
+        rig = Rig(engine)
+        engine.enable_wq(0, SETTINGS)
+        rig.submit(0, long_batch(rig, 0, entries=256))
+        rig.submit(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 32), slot=1)
+        engine.start_disable(0)
+        assert engine.waiting(0)
+        assert (rig.status(0), rig.status(1)) == (0, 0), "the batch ended: make it longer"
+        rig.submit(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 64), slot=2)
+        assert engine.counters(0).dropped_disabled == 1
+        with pytest.raises(OSError, match="busy"):
+            engine.enable_wq(0, SETTINGS)
+        await wait_command_fd(engine)
+        assert not engine.waiting(0)
+        assert (rig.status(0), rig.status(1), rig.status(2)) == (1, 1, 0)
+        engine.enable_wq(0, SETTINGS)  # a WQ whose disable is over enables again
+        rig.submit(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 96), slot=3)
+        assert rig.wait_status(3) == 1
+
+
+async def test_a_started_drain_ends_with_earlier_work_and_an_abort_ends_it_at_once() -> None:
+    with three_engines() as engine:
+        rig = Rig(engine)
+        rig.submit(0, long_batch(rig, 0, entries=64))
+        engine.start_drain(0)
+        rig.submit(0, long_batch(rig, 2, entries=1024), slot=2)  # after the drain: not waited for
+        assert engine.waiting(0)
+        await wait_command_fd(engine)
+        assert (engine.waiting(0), rig.status(0), rig.status(2)) == (False, 1, 0)
+        engine.start_drain(0)  # now the long one is before it
+        assert engine.waiting(0)
+        engine.abort_wq(0)
+        await wait_command_fd(engine)
+        assert not engine.waiting(0)
+        assert rig.status(2) == 0  # abandoned
+
+
+async def test_a_reset_ends_a_started_disable() -> None:
+    with Engine(num_wqs=1, num_msix=2) as engine:
+        rig = Rig(engine)
+        engine.enable_wq(0, SETTINGS)
+        rig.submit(0, long_batch(rig, 0, entries=1024))
+        rig.submit(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 32), slot=1)
+        engine.start_disable(0)
+        engine.reset()
+        assert not engine.waiting(0)
+        await wait_command_fd(engine)
+        assert rig.status(1) == 0  # dropped by the reset, not run
+        engine.enable_wq(0, SETTINGS)
+
+
+def test_an_idle_wq_ends_a_started_wait_at_once(rig: Rig) -> None:
+    rig.engine.start_drain(0)
+    assert not rig.engine.waiting(0)
+    rig.engine.start_disable(0)
+    assert not rig.engine.waiting(0)
+    assert os.read(rig.engine.command_fd, 8) == (2).to_bytes(8, "little")
+
+
 def test_dma_unmap_waits_for_the_descriptor_in_progress(rig: Rig) -> None:
     scratch = bytearray(2 << 20)
     scratch_iova = 0x2_0000_0000

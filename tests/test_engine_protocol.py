@@ -44,16 +44,19 @@ from vdsa_server.device.descriptors import DsaOpcode as Op
 from vdsa_server.device.descriptors import IdxdOpFlag as F
 from vdsa_server.device.pci import PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, Bar
 from vdsa_server.device.registers import (
+    IDXD_CMD_OFFSET,
     IDXD_CMDSTS_OFFSET,
     IDXD_GENCTRL_OFFSET,
     IDXD_GENSTATS_OFFSET,
     IDXD_INTCAUSE_OFFSET,
     IDXD_SWERR_ACK,
     IDXD_SWERR_OFFSET,
+    CmdStsReg,
     GenCtrlReg,
     GenStsReg,
     IdxdCmd,
     IdxdCmdstsErr,
+    IdxdCommandReg,
     IdxdDeviceStatusState,
     IdxdIntc,
     IdxdPortal,
@@ -818,6 +821,48 @@ async def test_drain_wq_waits_for_descriptors_in_flight(guest: Guest) -> None:
             assert (guest.record(record).status, guest.record(record).bytes_completed) == (
                 S.SUCCESS, count)
         assert (await guest.run(descriptor(Op.NOOP))).status == S.SUCCESS
+
+
+@pytest.mark.parametrize("cmd", [IdxdCmd.DRAIN_WQ, IdxdCmd.DISABLE_WQ], ids=lambda c: c.name)
+async def test_a_command_waiting_for_a_long_batch_leaves_the_server_answering(
+        guest: Guest, cmd: IdxdCmd) -> None:
+    """A batch of 2 MiB copies runs on WQ 1's one engine, a NOOP queued behind it. Drain or
+    Disable WQ must not wait in the server's message loop (a vfio-user client times out on a
+    reply after 5 s and drops the connection): while the batch runs, BAR0 reads are answered
+    and show CMDSTS active; the command completes, with its interrupt, once the batch is done."""
+    wq, count = 1, 4 * LONG_BATCH
+    batch, behind = record_at(2000), record_at(2001)
+    assert await guest.command(IdxdCmd.ENABLE_WQ, wq) is IdxdCmdstsErr.SUCCESS
+    with GuestMemory(BIG, BIG_SIZE) as big:
+        await guest.client.dma_map(big)
+        guest.write_list([big_memmove(BIG_DST)] * count)
+        await guest.submit(descriptor(Op.BATCH, F.CRAV | F.RCR, record=batch,
+                                      desc_list_addr=LISTS, desc_count=count), wq)
+        await guest.submit(descriptor(Op.NOOP, F.CRAV | F.RCR, record=behind), wq, slot=1)
+        await guest.write32(IDXD_CMD_OFFSET,
+                            IdxdCommandReg(cmd=cmd, operand=wq_operand(wq), int_req=1).bits)
+        answered_during = 0
+        while not guest.status(batch):
+            status = CmdStsReg(bits=await guest.read32(IDXD_CMDSTS_OFFSET))
+            if guest.status(batch):
+                break  # the batch may have ended after the read was answered
+            assert status.active, "the command completed before the batch it waits for"
+            answered_during += 1
+        assert answered_during > 0, "no BAR0 read was answered while the command waited"
+        assert await guest.interrupt(0) == 1
+        assert await guest.read32(IDXD_INTCAUSE_OFFSET) & IdxdIntc.CMD
+        await guest.write32(IDXD_INTCAUSE_OFFSET, IdxdIntc.CMD)
+        status = CmdStsReg(bits=await guest.read32(IDXD_CMDSTS_OFFSET))
+        assert (status.active, status.err) == (0, IdxdCmdstsErr.SUCCESS)
+        assert (guest.record(batch).status, guest.record(batch).bytes_completed) == (
+            S.SUCCESS, count)
+        assert guest.record(behind).status == S.SUCCESS
+    state = guest.engine.counters(wq)
+    assert (state.submitted, state.completed) == (2, 2)
+    # The WQ is usable (drained) or can be enabled again (disabled).
+    if cmd is IdxdCmd.DISABLE_WQ:
+        assert await guest.command(IdxdCmd.ENABLE_WQ, wq) is IdxdCmdstsErr.SUCCESS
+    assert (await guest.run(descriptor(Op.NOOP, vector=vector_of(wq)), wq)).status == S.SUCCESS
 
 
 async def test_abort_wq_stops_what_is_in_flight_and_drops_what_is_queued(guest: Guest) -> None:

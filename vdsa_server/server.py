@@ -159,6 +159,7 @@ class VdsaServer:
                 task_status.started()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._report_software_errors)
+                    nursery.start_soon(self._complete_commands)
                     while True:
                         await self._accept(ctx)
                         await self._serve_client(ctx)
@@ -285,6 +286,14 @@ class VdsaServer:
                             operation=error.operation, batch=error.batch,
                             batch_index=error.batch_index, fault_addr=hex(error.fault_addr))
                 self.device.report_engine_error(error)
+
+    async def _complete_commands(self) -> None:
+        """Device commands that wait for descriptors complete here, off the message loop."""
+        fd = self.engine.command_fd
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            os.read(fd, 8)  # the eventfd's count; the engine's WQ states are the record
+            self.device.poll_commands()
 
     async def _accept(self, ctx: Context) -> None:
         listen_fd = ctx.get_poll_fd()

@@ -37,6 +37,12 @@ struct wq {
 	uint64_t accepted;
 	uint64_t running[MAX_RUNNING];
 	uint32_t inflight; /* entries of running[] */
+	/* A device command waiting on this WQ (Drain or Disable WQ): over once nothing
+	 * numbered below wait_seq is queued or running. While `disabling`, the WQ takes no
+	 * descriptor but the workers still run its queue. */
+	bool waiting;
+	bool disabling;
+	uint64_t wait_seq;
 	atomic_bool abort;
 	struct vdsa_wq_counters counters;
 	struct partial partial[PORTALS_PER_WQ][SLOTS_PER_PAGE];
@@ -82,6 +88,7 @@ struct vdsa_engine {
 	uint32_t error_head;
 	uint32_t error_count;
 	int error_fd;
+	int command_fd; /* written when a WQ's command wait ends */
 };
 
 struct vdsa_engine *vdsa_engine_create(const struct vdsa_engine_config *config)
@@ -97,9 +104,12 @@ struct vdsa_engine *vdsa_engine_create(const struct vdsa_engine_config *config)
 	engine->config = *config;
 	engine->lent_engine = -1;
 	engine->error_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-	if (engine->error_fd < 0 || dma_init(&engine->dma) != 0) {
+	engine->command_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (engine->error_fd < 0 || engine->command_fd < 0 || dma_init(&engine->dma) != 0) {
 		if (engine->error_fd >= 0)
 			close(engine->error_fd);
+		if (engine->command_fd >= 0)
+			close(engine->command_fd);
 		free(engine);
 		return NULL;
 	}
@@ -131,6 +141,7 @@ void vdsa_engine_destroy(struct vdsa_engine *engine)
 		free(engine->wqs[w].ring);
 	dma_destroy(&engine->dma);
 	close(engine->error_fd);
+	close(engine->command_fd);
 	pthread_mutex_destroy(&engine->lock);
 	for (uint32_t e = 0; e < VDSA_MAX_ENGINES; e++)
 		pthread_cond_destroy(&engine->work[e]);
@@ -183,6 +194,19 @@ static bool pending_before(const struct wq *wq, uint64_t seq)
 	return false;
 }
 
+/* Ends wq's command wait if nothing it waits for is left. Caller holds the lock. */
+static void end_wait_if_done(struct vdsa_engine *engine, struct wq *wq)
+{
+	if (!wq->waiting || pending_before(wq, wq->wait_seq))
+		return;
+	wq->waiting = false;
+	if (wq->disabling) {
+		wq->disabling = false;
+		memset(wq->partial, 0, sizeof(wq->partial));
+	}
+	eventfd_write(engine->command_fd, 1);
+}
+
 void engine_drain_wait(const struct exec_context *ctx)
 {
 	struct vdsa_engine *engine = ctx->engine;
@@ -216,6 +240,14 @@ struct worker_start {
 	uint32_t index;
 };
 
+static void wake_engines(struct vdsa_engine *engine, uint64_t engines, uint64_t limit);
+
+/* Whether wq has queued descriptors the workers should run. */
+static bool runnable(const struct wq *wq)
+{
+	return (wq->enabled || wq->disabling) && wq->count;
+}
+
 /* The next WQ engine `index` serves that has work: highest priority, round robin among
  * equals. Caller holds the lock. */
 static struct wq *pick(struct vdsa_engine *engine, uint32_t index, uint32_t *wq_index)
@@ -227,7 +259,7 @@ static struct wq *pick(struct vdsa_engine *engine, uint32_t index, uint32_t *wq_
 		uint32_t w = (start + i) % n;
 		struct wq *wq = &engine->wqs[w];
 
-		if (!wq->enabled || !wq->count || !((wq->config.engines >> index) & 1))
+		if (!runnable(wq) || !((wq->config.engines >> index) & 1))
 			continue;
 		if (!best || wq->config.priority > best->config.priority) {
 			best = wq;
@@ -251,6 +283,7 @@ static void run_taken(struct vdsa_engine *engine, uint32_t w, const uint8_t *des
 	wq->counters.completed++;
 	wq->counters.errors += failed;
 	stop_running(wq, seq);
+	end_wait_if_done(engine, wq);
 	pthread_cond_broadcast(&engine->idle);
 	pthread_mutex_unlock(&engine->lock);
 }
@@ -330,7 +363,7 @@ int vdsa_engine_wq_enable(struct vdsa_engine *engine, uint32_t w,
 		return -EINVAL;
 	wq = &engine->wqs[w];
 	pthread_mutex_lock(&engine->lock);
-	if (wq->enabled) {
+	if (wq->enabled || wq->disabling) {
 		rc = -EBUSY;
 		goto out;
 	}
@@ -354,13 +387,6 @@ out:
 	return rc;
 }
 
-/* Caller holds the lock. */
-static void wait_idle(struct vdsa_engine *engine, struct wq *wq)
-{
-	while (wq->count || wq->inflight)
-		pthread_cond_wait(&engine->idle, &engine->lock);
-}
-
 static void drop_queued(struct vdsa_engine *engine, struct wq *wq)
 {
 	atomic_store(&wq->abort, true);
@@ -368,6 +394,70 @@ static void drop_queued(struct vdsa_engine *engine, struct wq *wq)
 	while (wq->inflight)
 		pthread_cond_wait(&engine->idle, &engine->lock);
 	atomic_store(&wq->abort, false);
+	end_wait_if_done(engine, wq);
+	/* A drain with nothing left running waits for this, not for a descriptor's end. */
+	pthread_cond_broadcast(&engine->idle);
+}
+
+/* Starts (or extends) wq's command wait to everything accepted so far. Caller holds the
+ * lock. */
+static void start_wait(struct vdsa_engine *engine, struct wq *wq)
+{
+	wq->waiting = true;
+	wq->wait_seq = wq->accepted;
+	end_wait_if_done(engine, wq);
+}
+
+/* Caller holds the lock. */
+static void start_disable(struct vdsa_engine *engine, uint32_t w)
+{
+	struct wq *wq = &engine->wqs[w];
+
+	if (wq->enabled) {
+		wq->enabled = false;
+		wq->disabling = true;
+		atomic_fetch_and(&engine->enabled_wqs, ~(1ull << w));
+	}
+	start_wait(engine, wq);
+	/* Idle workers would sleep through the queue a disabled WQ still has to finish. */
+	wake_engines(engine, wq->config.engines, wq->count);
+}
+
+int vdsa_engine_wq_disable_start(struct vdsa_engine *engine, uint32_t w)
+{
+	if (w >= engine->config.num_wqs)
+		return -EINVAL;
+	pthread_mutex_lock(&engine->lock);
+	start_disable(engine, w);
+	pthread_mutex_unlock(&engine->lock);
+	return 0;
+}
+
+int vdsa_engine_wq_drain_start(struct vdsa_engine *engine, uint32_t w)
+{
+	if (w >= engine->config.num_wqs)
+		return -EINVAL;
+	pthread_mutex_lock(&engine->lock);
+	start_wait(engine, &engine->wqs[w]);
+	pthread_mutex_unlock(&engine->lock);
+	return 0;
+}
+
+int vdsa_engine_wq_waiting(struct vdsa_engine *engine, uint32_t w)
+{
+	bool waiting;
+
+	if (w >= engine->config.num_wqs)
+		return -EINVAL;
+	pthread_mutex_lock(&engine->lock);
+	waiting = engine->wqs[w].waiting;
+	pthread_mutex_unlock(&engine->lock);
+	return waiting;
+}
+
+int vdsa_engine_command_fd(struct vdsa_engine *engine)
+{
+	return engine->command_fd;
 }
 
 int vdsa_engine_wq_disable(struct vdsa_engine *engine, uint32_t w)
@@ -375,13 +465,9 @@ int vdsa_engine_wq_disable(struct vdsa_engine *engine, uint32_t w)
 	if (w >= engine->config.num_wqs)
 		return -EINVAL;
 	pthread_mutex_lock(&engine->lock);
-	engine->wqs[w].enabled = false;
-	atomic_fetch_and(&engine->enabled_wqs, ~(1ull << w));
-	/* Workers skip disabled WQs: finish the queue here, in order. */
-	while (engine->wqs[w].count)
-		run_next(engine, w);
-	wait_idle(engine, &engine->wqs[w]);
-	memset(engine->wqs[w].partial, 0, sizeof(engine->wqs[w].partial));
+	start_disable(engine, w);
+	while (engine->wqs[w].waiting)
+		pthread_cond_wait(&engine->idle, &engine->lock);
 	pthread_mutex_unlock(&engine->lock);
 	return 0;
 }
@@ -540,7 +626,7 @@ static uint64_t engines_with_work(const struct vdsa_engine *engine, uint64_t *qu
 
 	*queued = 0;
 	for (uint32_t w = 0; w < engine->config.num_wqs; w++) {
-		if (engine->wqs[w].enabled && engine->wqs[w].count) {
+		if (runnable(&engine->wqs[w])) {
 			engines |= engine->wqs[w].config.engines;
 			*queued += engine->wqs[w].count;
 		}

@@ -92,6 +92,15 @@ int vdsa_engine_wq_enable(struct vdsa_engine *engine, uint32_t wq,
 int vdsa_engine_wq_disable(struct vdsa_engine *engine, uint32_t wq);
 int vdsa_engine_wq_drain(struct vdsa_engine *engine, uint32_t wq);
 int vdsa_engine_wq_abort(struct vdsa_engine *engine, uint32_t wq);
+/* The same waits without blocking the caller (a device command must not hold up the
+ * server's message loop): disable_start stops the WQ taking descriptors at once and lets the
+ * workers finish its queue; drain_start waits as drain does. When a WQ's wait ends the
+ * engine writes command_fd (an eventfd); wq_waiting is 1 while a started wait is not over.
+ * A new start on a waiting WQ extends its wait; abort and reset end it. */
+int vdsa_engine_wq_disable_start(struct vdsa_engine *engine, uint32_t wq);
+int vdsa_engine_wq_drain_start(struct vdsa_engine *engine, uint32_t wq);
+int vdsa_engine_wq_waiting(struct vdsa_engine *engine, uint32_t wq);
+int vdsa_engine_command_fd(struct vdsa_engine *engine);
 /* Every WQ disabled, queues dropped, interrupt handles released. */
 void vdsa_engine_reset(struct vdsa_engine *engine);
 int vdsa_engine_get_counters(struct vdsa_engine *engine, uint32_t wq,

@@ -5,13 +5,18 @@ Behaviour follows what Linux 6.1 ``drivers/dma/idxd`` relies on; where the drive
 comments say "DSA spec" (the Intel DSA architecture specification as recalled, not re-checked)
 or "guess". Descriptors never come here: BAR2 belongs to the native engine, which this machine
 drives through :class:`WqEngine` (enable, disable, drain, abort, reset). A command completes
-inside the register write that issues it, waiting for the engine where the command waits for
-descriptors (disable, drain), so CMDSTS is never seen active and GENSTS never shows DRAIN.
+inside the register write that issues it, except where it waits for descriptors (Disable and
+Drain WQ, Drain All, Disable Device): those never wait in the register write, since the
+server's message loop must go on answering (a drain behind a long batch outlasts the client's
+reply timeout). CMDSTS stays active until the engine's waits are over and :meth:`poll` sees it,
+as on DSA, whose driver waits for the command interrupt or polls CMDSTS.active. GENSTS never
+shows DRAIN.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from vdsa_server.device.config import DeviceConfig
 from vdsa_server.device.engine_port import InterruptSink, WqEngine, WqSettings
@@ -39,6 +44,17 @@ _INT_HANDLE_MASK = CMD_INT_HANDLE_IMS - 1
 _Completion = tuple[IdxdCmdstsErr, int]  # CMDSTS.err and CMDSTS.result
 
 
+@dataclass(frozen=True)
+class _Waiting:
+    """A command whose WQs still wait in the engine: ``finish`` completes it once none does."""
+
+    wqs: tuple[int, ...]
+    finish: Callable[[], _Completion]
+
+
+_Outcome = _Completion | _Waiting
+
+
 def _command_name(code: int) -> str:
     try:
         return IdxdCmd(code).name
@@ -61,7 +77,7 @@ class DeviceCommands:
         self._irq = irq
         self._engine = engine
         self._log = get_logger()
-        self._handlers: dict[int, Callable[[int], _Completion]] = {
+        self._handlers: dict[int, Callable[[int], _Outcome]] = {
             IdxdCmd.ENABLE_DEVICE: self._enable_device,
             IdxdCmd.DISABLE_DEVICE: self._disable_device,
             IdxdCmd.DRAIN_ALL: self._drain_all,
@@ -78,11 +94,13 @@ class DeviceCommands:
             IdxdCmd.RELEASE_INT_HANDLE: self._release_int_handle,
         }
         self._int_handles: set[int] = set()
+        self._active: tuple[IdxdCommandReg, _Waiting] | None = None
 
     def power_on(self) -> None:
         """Registers, interrupt handles and engine as at power-on."""
         self._registers.power_on()
         self._int_handles.clear()
+        self._active = None
         self._engine.reset()
 
     def int_handle_vector(self, handle: int) -> int | None:
@@ -107,6 +125,11 @@ class DeviceCommands:
         for wq in range(self.config.num_wqs):
             self._abort(wq)
             self._set_wq_state(wq, IdxdWqState.DISABLED, "halt")
+        if self._active is not None:
+            # Guess: a command still waiting for descriptors ends with the halt, as failed.
+            command, _ = self._active
+            self._active = None
+            self._complete(command, IdxdCmdstsErr.HW_ERR, 0)
         self._set_state(IdxdDeviceStatusState.HALT, "halt")
         registers.gensts.reset_type = reset_type
         registers.intcause.value |= IdxdIntc.HALT_STATE
@@ -117,20 +140,53 @@ class DeviceCommands:
     # --- CMD ---------------------------------------------------------------------------------
 
     def execute(self, command: IdxdCommandReg) -> None:
-        """Run the command just written to CMD; CMDSTS and, with int_req, INTCAUSE report it."""
+        """Run the command just written to CMD; CMDSTS and, with int_req, INTCAUSE report it,
+        at once or, for one that waits for descriptors, when :meth:`poll` finds it done."""
         registers = self._registers
         code, operand = command.cmd, command.operand
+        if self._active is not None:
+            # The driver writes CMD only once CMDSTS.active is clear (DSA spec); guess: one
+            # written before is dropped, and the active command goes on.
+            self._log.warning("device.guest_error.command_while_active",
+                              command=_command_name(code), operand=hex(operand),
+                              active=_command_name(self._active[0].cmd))
+            return
         handler = self._handlers.get(code)
+        outcome: _Outcome
         if handler is None or not registers.cmdcap.value & (1 << code):
-            err, result = IdxdCmdstsErr.INVAL_CMD, 0
+            outcome = IdxdCmdstsErr.INVAL_CMD, 0
         elif registers.state is IdxdDeviceStatusState.HALT and not (
             code == IdxdCmd.RESET_DEVICE and registers.reset_type is IdxdDeviceResetType.SOFTWARE
         ):
             # Guess: a halted device takes only the reset GENSTS asks for, and only when
             # that reset is RESET_DEVICE; the driver itself sends nothing while halted.
-            err, result = IdxdCmdstsErr.HW_ERR, 0
+            outcome = IdxdCmdstsErr.HW_ERR, 0
         else:
-            err, result = handler(operand)
+            outcome = handler(operand)
+        if isinstance(outcome, _Waiting):
+            registers.cmdsts.bits = 0
+            registers.cmdsts.active = 1
+            self._active = command, outcome
+            self._log.info("device.command_started", command=_command_name(code),
+                           operand=hex(operand), wqs=list(outcome.wqs))
+            self.poll()
+        else:
+            self._complete(command, *outcome)
+
+    def poll(self) -> None:
+        """Complete the active command if none of its WQs waits in the engine any more: the
+        server calls this whenever the engine reports a wait over."""
+        if self._active is None:
+            return
+        command, waiting = self._active
+        if any(self._engine.waiting(wq) for wq in waiting.wqs):
+            return
+        self._active = None
+        self._complete(command, *waiting.finish())
+
+    def _complete(self, command: IdxdCommandReg, err: IdxdCmdstsErr, result: int) -> None:
+        registers = self._registers
+        code, operand = command.cmd, command.operand
         registers.cmdsts.bits = 0
         registers.cmdsts.err = err
         registers.cmdsts.result = result
@@ -171,22 +227,39 @@ class DeviceCommands:
             engine_seen |= grpcfg.engines
         return None
 
-    def _disable_device(self, _operand: int) -> _Completion:
+    def _disable_device(self, _operand: int) -> _Outcome:
         if self._registers.state is not IdxdDeviceStatusState.ENABLED:
             return IdxdCmdstsErr.ERR_DIS_DEV_EN, 0
-        for wq in range(self.config.num_wqs):
-            self._set_wq_state(wq, IdxdWqState.DISABLED, "disable device")
-        self._set_state(IdxdDeviceStatusState.DISABLED, "disable device")
-        return IdxdCmdstsErr.SUCCESS, 0
+        return self._disable_wqs(
+            self._enabled_wqs(), "disable device",
+            lambda: self._set_state(IdxdDeviceStatusState.DISABLED, "disable device"))
+
+    def _disable_wqs(self, wqs: Sequence[int], reason: str,
+                     then: Callable[[], None] | None = None) -> _Waiting:
+        """The WQs stop taking descriptors now and are DISABLED once their queues are done."""
+        for wq in wqs:
+            self._engine.start_disable(wq)
+
+        def finish() -> _Completion:
+            for wq in wqs:
+                self._record_wq_state(wq, IdxdWqState.DISABLED, reason)
+            if then is not None:
+                then()
+            return IdxdCmdstsErr.SUCCESS, 0
+
+        return _Waiting(tuple(wqs), finish)
+
+    def _drain_wqs(self, wqs: Sequence[int]) -> _Waiting:
+        for wq in wqs:
+            self._engine.start_drain(wq)
+        return _Waiting(tuple(wqs), lambda: (IdxdCmdstsErr.SUCCESS, 0))
 
     def _enabled_wqs(self) -> list[int]:
         return [wq for wq in range(self.config.num_wqs)
                 if self._registers.wq_state(wq) is IdxdWqState.ENABLED]
 
-    def _drain_all(self, _operand: int) -> _Completion:
-        for wq in self._enabled_wqs():
-            self._engine.drain_wq(wq)
-        return IdxdCmdstsErr.SUCCESS, 0
+    def _drain_all(self, _operand: int) -> _Outcome:
+        return self._drain_wqs(self._enabled_wqs())
 
     def _abort_all(self, _operand: int) -> _Completion:
         for wq in self._enabled_wqs():
@@ -250,28 +323,33 @@ class DeviceCommands:
             return IdxdCmdstsErr.ERR_DEV_NOT_EN
         return None
 
-    def _on_selected(self, operand: int, action: Callable[[int], None]) -> _Completion:
-        """Disable, drain, abort and reset WQ: check the selection, then act on each WQ."""
+    def _on_selected(self, operand: int, action: Callable[[list[int]], _Outcome]) -> _Outcome:
+        """Disable, drain, abort and reset WQ: check the selection, then act on it."""
         wqs = self._selected_wqs(operand)
         error = self._check_selected(wqs)
         if error is not None:
             return error, 0
-        for wq in wqs:
-            action(wq)
-        return IdxdCmdstsErr.SUCCESS, 0
+        return action(wqs)
 
-    def _disable_wq(self, operand: int) -> _Completion:
-        return self._on_selected(
-            operand, lambda wq: self._set_wq_state(wq, IdxdWqState.DISABLED, "disable WQ"))
+    @staticmethod
+    def _each(action: Callable[[int], None]) -> Callable[[list[int]], _Outcome]:
+        def act(wqs: list[int]) -> _Outcome:
+            for wq in wqs:
+                action(wq)
+            return IdxdCmdstsErr.SUCCESS, 0
+        return act
 
-    def _drain_wq(self, operand: int) -> _Completion:
-        return self._on_selected(operand, self._engine.drain_wq)
+    def _disable_wq(self, operand: int) -> _Outcome:
+        return self._on_selected(operand, lambda wqs: self._disable_wqs(wqs, "disable WQ"))
 
-    def _abort_wq(self, operand: int) -> _Completion:
-        return self._on_selected(operand, self._abort)
+    def _drain_wq(self, operand: int) -> _Outcome:
+        return self._on_selected(operand, self._drain_wqs)
 
-    def _reset_wq(self, operand: int) -> _Completion:
-        return self._on_selected(operand, self._reset_one_wq)
+    def _abort_wq(self, operand: int) -> _Outcome:
+        return self._on_selected(operand, self._each(self._abort))
+
+    def _reset_wq(self, operand: int) -> _Outcome:
+        return self._on_selected(operand, self._each(self._reset_one_wq))
 
     def _reset_one_wq(self, wq: int) -> None:
         # Reset WQ disables the WQ and returns its WQCFG to the power-on value: the driver
@@ -311,13 +389,20 @@ class DeviceCommands:
 
     def _set_wq_state(self, wq: int, new: IdxdWqState, reason: str) -> None:
         wqcfg = self._registers.wqcfg(wq)
-        old = IdxdWqState(wqcfg.wq_state)
-        if old is new:
+        if IdxdWqState(wqcfg.wq_state) is new:
             return
         if new is IdxdWqState.ENABLED:
             self._engine.enable_wq(wq, self._wq_settings(wq, wqcfg))
         else:
             self._engine.disable_wq(wq)
+        self._record_wq_state(wq, new, reason)
+
+    def _record_wq_state(self, wq: int, new: IdxdWqState, reason: str) -> None:
+        """WQCFG.wq_state, for a change the engine has made."""
+        wqcfg = self._registers.wqcfg(wq)
+        old = IdxdWqState(wqcfg.wq_state)
+        if old is new:
+            return
         wqcfg.wq_state = new
         self._registers.store_wqcfg(wq, wqcfg)
         self._log.info("wq.state", wq=wq, old=old.name, new=new.name, reason=reason)

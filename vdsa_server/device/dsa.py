@@ -49,6 +49,10 @@ class DsaDevice:
     def _execute(self, command: IdxdCommandReg) -> None:
         self._commands.execute(command)
 
+    def poll_commands(self) -> None:
+        """Complete a command that waited for descriptors, if the engine's waits are over."""
+        self._commands.poll()
+
     # --- Public state ------------------------------------------------------------------------
 
     @property

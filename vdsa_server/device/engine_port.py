@@ -51,8 +51,15 @@ class WqEngine(Protocol):
     def disable_wq(self, wq: int) -> None:
         """Stop taking descriptors; return when those taken are done."""
 
-    def drain_wq(self, wq: int) -> None:
-        """Return when every descriptor taken so far is done."""
+    def start_disable(self, wq: int) -> None:
+        """Stop taking descriptors and return at once; those taken still run, and
+        ``waiting`` is true until they are done."""
+
+    def start_drain(self, wq: int) -> None:
+        """Return at once; ``waiting`` is true until every descriptor taken so far is done."""
+
+    def waiting(self, wq: int) -> bool:
+        """Whether a drain or disable started on ``wq`` is still waiting for descriptors."""
 
     def abort_wq(self, wq: int) -> None:
         """Drop queued descriptors; return when those in progress have stopped."""

@@ -93,6 +93,10 @@ _SIGNATURES: dict[str, tuple[Any, list[Any], Callable[..., int] | None]] = {
     "vdsa_engine_wq_disable": (c_int, [_ENGINE, c_uint32], _check_errno),
     "vdsa_engine_wq_drain": (c_int, [_ENGINE, c_uint32], _check_errno),
     "vdsa_engine_wq_abort": (c_int, [_ENGINE, c_uint32], _check_errno),
+    "vdsa_engine_wq_disable_start": (c_int, [_ENGINE, c_uint32], _check_errno),
+    "vdsa_engine_wq_drain_start": (c_int, [_ENGINE, c_uint32], _check_errno),
+    "vdsa_engine_wq_waiting": (c_int, [_ENGINE, c_uint32], _check_errno),
+    "vdsa_engine_command_fd": (c_int, [_ENGINE], None),
     "vdsa_engine_reset": (None, [_ENGINE], None),
     "vdsa_engine_get_counters": (c_int, [_ENGINE, c_uint32, POINTER(_Counters)],
                                  _check_errno),
@@ -264,6 +268,20 @@ class Engine:
 
     def abort_wq(self, wq: int) -> None:
         self._c.vdsa_engine_wq_abort(self._e, wq)
+
+    def start_disable(self, wq: int) -> None:
+        self._c.vdsa_engine_wq_disable_start(self._e, wq)
+
+    def start_drain(self, wq: int) -> None:
+        self._c.vdsa_engine_wq_drain_start(self._e, wq)
+
+    def waiting(self, wq: int) -> bool:
+        return bool(self._c.vdsa_engine_wq_waiting(self._e, wq))
+
+    @property
+    def command_fd(self) -> int:
+        """An eventfd, written when a WQ's started drain or disable is over."""
+        return int(self._c.vdsa_engine_command_fd(self._e))
 
     def reset(self) -> None:
         self._c.vdsa_engine_reset(self._e)
