@@ -256,7 +256,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         well_formed = len(payload) >= len(exact) and len(exact) <= argsz <= m.MAX_DATA_XFER
         valid: bool | None
         if flags == 0:
-            valid = well_formed and bool(inside) and not cut and size > 0
+            # type1's rules: nothing mapped there is success; the range may end at 2^64.
+            valid = well_formed and not cut and size > 0 and address + size <= 1 << 64
         elif flags == UNMAP_ALL:
             valid = well_formed and address == size == 0
         else:
