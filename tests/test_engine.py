@@ -243,14 +243,20 @@ async def wait_command_fd(engine: Engine) -> None:
     os.read(engine.command_fd, 8)
 
 
+def batch_then_noop(engine: Engine, entries: int) -> Rig:
+    """One engine, WQ 0 enabled: a batch (record 0) runs, a NOOP (record 1) waits behind it."""
+    rig = Rig(engine)
+    engine.enable_wq(0, SETTINGS)
+    rig.submit(0, long_batch(rig, 0, entries=entries))
+    rig.submit(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 32), slot=1)
+    return rig
+
+
 async def test_a_started_disable_returns_at_once_and_the_workers_finish_the_queue() -> None:
-    """One engine: a long batch runs, a NOOP waits behind it. disable_start returns while both
-    are left, takes no more descriptors, and the eventfd says when the queue is done."""
+    """disable_start returns while the batch and the NOOP are left, takes no more descriptors,
+    and the eventfd says when the queue is done."""
     with Engine(num_wqs=1, num_msix=2) as engine:
-        rig = Rig(engine)
-        engine.enable_wq(0, SETTINGS)
-        rig.submit(0, long_batch(rig, 0, entries=256))
-        rig.submit(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 32), slot=1)
+        rig = batch_then_noop(engine, 256)
         engine.start_disable(0)
         assert engine.waiting(0)
         assert (rig.status(0), rig.status(1)) == (0, 0), "the batch ended: make it longer"
@@ -285,10 +291,7 @@ async def test_a_started_drain_ends_with_earlier_work_and_an_abort_ends_it_at_on
 
 async def test_a_reset_ends_a_started_disable() -> None:
     with Engine(num_wqs=1, num_msix=2) as engine:
-        rig = Rig(engine)
-        engine.enable_wq(0, SETTINGS)
-        rig.submit(0, long_batch(rig, 0, entries=1024))
-        rig.submit(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 32), slot=1)
+        rig = batch_then_noop(engine, 1024)
         engine.start_disable(0)
         engine.reset()
         assert not engine.waiting(0)

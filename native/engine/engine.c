@@ -399,6 +399,17 @@ static void drop_queued(struct vdsa_engine *engine, struct wq *wq)
 	pthread_cond_broadcast(&engine->idle);
 }
 
+static int wq_locked(struct vdsa_engine *engine, uint32_t w,
+		     void (*action)(struct vdsa_engine *, struct wq *))
+{
+	if (w >= engine->config.num_wqs)
+		return -EINVAL;
+	pthread_mutex_lock(&engine->lock);
+	action(engine, &engine->wqs[w]);
+	pthread_mutex_unlock(&engine->lock);
+	return 0;
+}
+
 /* Starts (or extends) wq's command wait to everything accepted so far. Caller holds the
  * lock. */
 static void start_wait(struct vdsa_engine *engine, struct wq *wq)
@@ -435,12 +446,7 @@ int vdsa_engine_wq_disable_start(struct vdsa_engine *engine, uint32_t w)
 
 int vdsa_engine_wq_drain_start(struct vdsa_engine *engine, uint32_t w)
 {
-	if (w >= engine->config.num_wqs)
-		return -EINVAL;
-	pthread_mutex_lock(&engine->lock);
-	start_wait(engine, &engine->wqs[w]);
-	pthread_mutex_unlock(&engine->lock);
-	return 0;
+	return wq_locked(engine, w, start_wait);
 }
 
 int vdsa_engine_wq_waiting(struct vdsa_engine *engine, uint32_t w)
@@ -468,17 +474,6 @@ int vdsa_engine_wq_disable(struct vdsa_engine *engine, uint32_t w)
 	start_disable(engine, w);
 	while (engine->wqs[w].waiting)
 		pthread_cond_wait(&engine->idle, &engine->lock);
-	pthread_mutex_unlock(&engine->lock);
-	return 0;
-}
-
-static int wq_locked(struct vdsa_engine *engine, uint32_t w,
-		     void (*action)(struct vdsa_engine *, struct wq *))
-{
-	if (w >= engine->config.num_wqs)
-		return -EINVAL;
-	pthread_mutex_lock(&engine->lock);
-	action(engine, &engine->wqs[w]);
 	pthread_mutex_unlock(&engine->lock);
 	return 0;
 }
