@@ -391,9 +391,12 @@ async def check_page(guest: Guest, regions: dict[int, FileRegion], files: list[G
 # --- Refusals cost nothing ------------------------------------------------------------------------
 
 
-def footprint(name: str) -> tuple[int, int]:
+async def footprint(guest: Guest, name: str) -> tuple[int, int]:
     """This process's open fds (the server's thread runs here) and its mappings of the memfd
-    called ``name``."""
+    called ``name``, once the server has finished with the last message: libvfio-user closes a
+    message's fds after sending its reply, so the reply alone does not say they are closed, but
+    it handles one message at a time, so the reply to the next one does."""
+    await guest.client.device_get_info()
     maps = Path("/proc/self/maps").read_text().splitlines()
     return len(os.listdir("/proc/self/fd")), sum(f"/memfd:{name} " in line for line in maps)
 
@@ -404,7 +407,7 @@ async def test_a_refused_map_leaves_no_fd_or_mapping_behind(
     name = "vdsa-refused"
     with GuestMemory(PAGES + 16 * PAGE, 2 * PAGE, name=name) as memory, \
             GuestMemory(PAGES + 16 * PAGE, PAGE) as other:
-        before = footprint(name)
+        before = await footprint(guest, name)
         refusals = [
             (encode_dma_map(regions[1].iova, PAGE, 3), [memory.fd], errno.EEXIST),
             (encode_dma_map(regions[2].iova - PAGE, 2 * PAGE, 3), [memory.fd], errno.EEXIST),
@@ -415,9 +418,9 @@ async def test_a_refused_map_leaves_no_fd_or_mapping_behind(
         for payload, fds, refused in refusals:
             assert await replied_errno(
                 guest.client.request(Command.DMA_MAP, payload, fds=fds)) == refused
-            assert footprint(name) == before
+            assert await footprint(guest, name) == before
         # The control: a map that is taken costs the fd and the mapping counted here.
         await guest.client.dma_map(memory)
-        assert footprint(name) == (before[0] + 1, before[1] + 1)
+        assert await footprint(guest, name) == (before[0] + 1, before[1] + 1)
         await unmap(guest, memory.iova, memory.size)
-        assert footprint(name) == before
+        assert await footprint(guest, name) == before
