@@ -24,6 +24,8 @@ from vdsa_server.client.protocol import Command, IrqSetFlag
 from vdsa_server.device import registers as r
 from vdsa_server.device.config import DeviceConfig
 from vdsa_server.device.pci import PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, Bar
+from vdsa_server.engine import DmaCounters, EngineDmaRegion
+from vdsa_server.engine.native import PROT_READ, PROT_WRITE
 from vdsa_server.server import VdsaServer
 from vdsa_server.transport.socket_path import SocketPathTaken
 
@@ -184,14 +186,21 @@ async def test_masked_vector_keeps_its_interrupt_pending(tmp_path: Path) -> None
         assert await vectors[0].wait() == 1
 
 
-async def test_dma_regions_are_tracked(tmp_path: Path) -> None:
+async def test_the_engine_takes_the_clients_maps_and_unmaps(tmp_path: Path) -> None:
     sock = tmp_path / "dsa.sock"
     async with running_server(sock) as server, client_for(sock) as client:
-        with GuestMemory(iova=0x1000_0000, size=1 << 20) as memory:
+        with GuestMemory(iova=0x1000_0000, size=1 << 20) as memory, \
+                GuestMemory(iova=0x2000_0000, size=1 << 12) as unshared:
             await client.dma_map(memory)
-            assert server.dma_regions[0x1000_0000].length == 1 << 20
+            await client.dma_map(unshared, share_fd=False)
+            # Without an fd there is nothing to reach: libvfio-user keeps it, the engine not.
+            assert server.engine.dma_regions() == [
+                EngineDmaRegion(0x1000_0000, 1 << 20, PROT_READ | PROT_WRITE)]
             await client.dma_unmap(memory)
-            assert server.dma_regions == {}
+            await client.dma_unmap(unshared)
+            assert server.engine.dma_regions() == []
+            assert server.engine.dma_counters() == DmaCounters(
+                maps=2, unmaps=2, unreachable=1, map_failures=0)
 
 
 async def test_server_outlives_its_client_and_resets_the_device(tmp_path: Path) -> None:

@@ -21,11 +21,12 @@ stops half-way could stall the server forever.  Defences, each bounded by
   do not inherit these from the listening socket, unlike TCP ones.)
 
 The descriptor path is native: the engine (:mod:`vdsa_server.engine`) registers
-BAR2 itself, executes descriptors on its own threads and triggers their
+BAR2 and the DMA callbacks itself (so a vIOMMU guest's map and unmap of every page
+cost no Python), executes descriptors on its own threads and triggers their
 interrupts; ``attach`` and ``run`` go through its wrappers so that interrupts it
 raises meanwhile wait until libvfio-user is done with the eventfds.  Python
-configures it from the device model, hands it DMA regions, forwards MSI-X masks,
-and turns the software errors it reports into SWERR.
+configures it from the device model, forwards MSI-X masks, and turns the software
+errors it reports into SWERR.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import errno
 import os
 import socket
 import struct
-from mmap import PROT_READ, PROT_WRITE
 from pathlib import Path
 
 import trio
@@ -62,7 +62,6 @@ from vdsa_server.transport.libvfio_user import (
     CapHdr,
     CapId,
     Context,
-    DmaRegion,
     IrqType,
     LibVfioUser,
     MsixCap,
@@ -130,15 +129,7 @@ class VdsaServer:
         self.engine = Engine(num_wqs=config.num_wqs, num_msix=config.num_msix,
                              opcodes=config.opcodes, interrupt_handles=config.interrupt_handles)
         self.device = DsaDevice(config, self.engine, self.engine)
-        self.dma_regions: dict[int, DmaRegion] = {}
-        # Bound once: the module's lazy logger binds anew at every call (about 13 us, even for
-        # a line its level drops), and a vIOMMU guest maps and unmaps page by page.
-        self._dma_log = log.bind()
         self.connections = 0
-        # DMA_MAPs and DMA_UNMAPs the server handled, over all connections: a vIOMMU guest
-        # sends a pair for every buffer it maps.
-        self.dma_maps = 0
-        self.dma_unmaps = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -214,7 +205,6 @@ class VdsaServer:
         ctx.set_irq_count(IrqType.MSIX, msix.vectors)
         ctx.set_irq_state_callback(IrqType.MSIX, self._irq_state)
 
-        ctx.setup_dma(self._dma_register, self._dma_unregister)
         ctx.set_reset_callback(self._reset)
         # Quiescent at once: a DMA unmap waits inside the engine for descriptors in
         # progress (its own fence), and a reset stops them before returning.
@@ -245,25 +235,6 @@ class VdsaServer:
     def _irq_state(self, start: int, count: int, masked: bool) -> None:
         log.info("irq.mask" if masked else "irq.unmask", start=start, count=count)
         self.engine.irq_mask(start, count, masked)
-
-    def _dma_register(self, region: DmaRegion) -> None:
-        self.dma_maps += 1
-        self.dma_regions[region.iova] = region
-        self._dma_log.debug("dma.map", iova=region.iova, length=region.length,
-                  mapped=region.vaddr is not None)
-        # Without an fd (guest RAM not shared) there is nothing the engine can reach;
-        # descriptors touching the region then fault.
-        if region.vaddr is not None:
-            self.engine.dma_map_address(region.iova, region.length, region.vaddr,
-                                        readable=bool(region.prot & PROT_READ),
-                                        writable=bool(region.prot & PROT_WRITE))
-
-    def _dma_unregister(self, region: DmaRegion) -> None:
-        self.dma_unmaps += 1
-        known = self.dma_regions.pop(region.iova, None)
-        self._dma_log.debug("dma.unmap", iova=region.iova, length=region.length)
-        if known is not None and known.vaddr is not None:
-            self.engine.dma_unmap(region.iova, region.length)
 
     def _reset(self, reset_type: ResetType) -> None:
         log.info("transport.reset", reason=reset_type.name.lower())
@@ -377,13 +348,16 @@ class VdsaServer:
         while True:
             await trio.lowlevel.wait_readable(fd)
             try:
-                while ctx.run_via(self.engine.vfu_run) > 0:
-                    pass
+                # One call: the engine handles a burst of messages in it; any left over keep
+                # the fd readable, so the next wait returns at once.
+                ctx.run_via(self.engine.vfu_run)
             except VfuInterrupted:
                 continue
             except VfuNotConnected:
-                log.info("connection.closed", connection=self.connections,
-                         dma_maps=self.dma_maps, dma_unmaps=self.dma_unmaps)
+                dma = self.engine.dma_counters()
+                log.info("connection.closed", connection=self.connections, dma_maps=dma.maps,
+                         dma_unmaps=dma.unmaps, dma_unreachable=dma.unreachable,
+                         dma_map_failures=dma.map_failures)
                 return
             except VfuError as exc:
                 # libvfio-user has already answered or dropped the message; a

@@ -298,6 +298,31 @@ int dma_unmap(struct dma_table *table, uint64_t iova, uint64_t length)
 	return rc;
 }
 
+static void list_subtree(const struct dma_node *node, struct vdsa_dma_region *out,
+			 uint64_t max, uint64_t *at)
+{
+	for (uint32_t i = 0; i < node->count && *at < max; i++) {
+		if (node->leaf)
+			out[(*at)++] = (struct vdsa_dma_region){ node->regions[i].iova,
+								 node->regions[i].length,
+								 node->regions[i].prot };
+		else
+			list_subtree(node->children[i], out, max, at);
+	}
+}
+
+uint64_t dma_list(struct dma_table *table, struct vdsa_dma_region *out, uint64_t max)
+{
+	uint64_t at = 0, count;
+
+	pthread_rwlock_rdlock(&table->lock);
+	if (table->root && max)
+		list_subtree(table->root, out, max, &at);
+	count = table->count;
+	pthread_rwlock_unlock(&table->lock);
+	return count;
+}
+
 static bool permits(const struct dma_region *r, uint32_t prot)
 {
 	return (r->prot & prot) == prot;

@@ -69,6 +69,9 @@ struct vdsa_engine {
 	int lent_engine;
 	atomic_uint_fast64_t enabled_wqs; /* bit n: WQ n enabled, for the poller's sweep */
 	atomic_uint_fast64_t stray; /* descriptors sent to portals of no WQ */
+	struct {
+		atomic_uint_fast64_t maps, unmaps, unreachable, map_failures;
+	} dma_counters;
 
 	/* MSI-X. While libvfio-user runs (vfu_busy) it may replace eventfds, so interrupts
 	 * raised then are deferred and delivered when it returns. */
@@ -723,11 +726,36 @@ static ssize_t portal_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t off
 	return (ssize_t)count;
 }
 
+static void dma_registered(vfu_ctx_t *ctx, vfu_dma_info_t *info)
+{
+	struct vdsa_engine *engine = vfu_get_private(ctx);
+
+	atomic_fetch_add(&engine->dma_counters.maps, 1);
+	if (!info->vaddr)
+		atomic_fetch_add(&engine->dma_counters.unreachable, 1);
+	else if (dma_map(&engine->dma, (uint64_t)(uintptr_t)info->iova.iov_base, info->iova.iov_len,
+			 info->vaddr, info->prot) < 0)
+		/* libvfio-user's table refuses overlaps first, so only memory can fail here; the
+		 * region then faults as one without an fd does, never reaching stale memory. */
+		atomic_fetch_add(&engine->dma_counters.map_failures, 1);
+}
+
+static void dma_unregistered(vfu_ctx_t *ctx, vfu_dma_info_t *info)
+{
+	struct vdsa_engine *engine = vfu_get_private(ctx);
+
+	atomic_fetch_add(&engine->dma_counters.unmaps, 1);
+	/* A region the engine never took (no fd, a failed map) answers -ENOENT: nothing to do. */
+	dma_unmap(&engine->dma, (uint64_t)(uintptr_t)info->iova.iov_base, info->iova.iov_len);
+}
+
 int vdsa_engine_attach_vfu(struct vdsa_engine *engine, vfu_ctx_t *ctx, uint32_t bar2_size)
 {
-	/* The portal callback finds the engine as the context's private pointer. */
+	/* The callbacks find the engine as the context's private pointer. */
 	if (vfu_get_private(ctx) != engine)
 		return -EINVAL;
+	if (vfu_setup_device_dma(ctx, dma_registered, dma_unregistered) < 0)
+		return -errno;
 	pthread_mutex_lock(&engine->irq_lock);
 	engine->vfu = ctx;
 	pthread_mutex_unlock(&engine->irq_lock);
@@ -869,6 +897,20 @@ int vdsa_engine_dma_map(struct vdsa_engine *engine, uint64_t iova, uint64_t leng
 int vdsa_engine_dma_unmap(struct vdsa_engine *engine, uint64_t iova, uint64_t length)
 {
 	return dma_unmap(&engine->dma, iova, length);
+}
+
+uint64_t vdsa_engine_dma_regions(struct vdsa_engine *engine, struct vdsa_dma_region *out,
+				 uint64_t max)
+{
+	return dma_list(&engine->dma, out, max);
+}
+
+void vdsa_engine_get_dma_counters(struct vdsa_engine *engine, struct vdsa_dma_counters *out)
+{
+	out->maps = atomic_load(&engine->dma_counters.maps);
+	out->unmaps = atomic_load(&engine->dma_counters.unmaps);
+	out->unreachable = atomic_load(&engine->dma_counters.unreachable);
+	out->map_failures = atomic_load(&engine->dma_counters.map_failures);
 }
 
 int vdsa_engine_error_fd(struct vdsa_engine *engine)

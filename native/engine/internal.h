@@ -53,6 +53,8 @@ void dma_destroy(struct dma_table *table);
 int dma_map(struct dma_table *table, uint64_t iova, uint64_t length, void *vaddr,
 	    uint32_t prot);
 int dma_unmap(struct dma_table *table, uint64_t iova, uint64_t length);
+/* The regions in iova order, at most max of them copied; returns how many there are. */
+uint64_t dma_list(struct dma_table *table, struct vdsa_dma_region *out, uint64_t max);
 /* Bytes accessible with prot from iova on, up to length, in one host run; *host points at
  * the first. 0: iova itself is not accessible. Caller holds the read lock. */
 uint64_t dma_span(const struct dma_table *table, uint64_t iova, uint64_t length, uint32_t prot,

@@ -66,7 +66,9 @@ uint64_t vdsa_engine_stray_descriptors(struct vdsa_engine *engine);
 /* ctx must have been created with this engine as its private pointer. Registers BAR2
  * (size bytes) with the engine's own access callback (portal writes while
  * PCI_COMMAND.MEM is clear are ignored) and, with mapped portals, the memfd as the whole
- * BAR's one mmap area; and makes vfu_irq_trigger on ctx the way interrupts leave. Before
+ * BAR's one mmap area; registers the engine's own DMA callbacks, so that the client's maps
+ * and unmaps become the engine's without a call into Python (a vIOMMU guest sends a pair for
+ * every page it maps); and makes vfu_irq_trigger on ctx the way interrupts leave. Before
  * vfu_realize_ctx. */
 int vdsa_engine_attach_vfu(struct vdsa_engine *engine, vfu_ctx_t *ctx, uint32_t bar2_size);
 /* vfu_attach_ctx / vfu_run_ctx wrapped so that interrupts raised meanwhile by workers are
@@ -83,6 +85,22 @@ int vdsa_engine_portal_write(struct vdsa_engine *engine, uint64_t offset, const 
 int vdsa_engine_dma_map(struct vdsa_engine *engine, uint64_t iova, uint64_t length,
 			void *vaddr, uint32_t prot);
 int vdsa_engine_dma_unmap(struct vdsa_engine *engine, uint64_t iova, uint64_t length);
+/* The regions mapped, in iova order: fills out with at most max, returns how many there are. */
+struct vdsa_dma_region {
+	uint64_t iova;
+	uint64_t length;
+	uint32_t prot;
+};
+uint64_t vdsa_engine_dma_regions(struct vdsa_engine *engine, struct vdsa_dma_region *out,
+				 uint64_t max);
+/* What the DMA callbacks attach_vfu registers have done. */
+struct vdsa_dma_counters {
+	uint64_t maps; /* regions libvfio-user added */
+	uint64_t unmaps; /* regions libvfio-user removed */
+	uint64_t unreachable; /* added without an fd (guest RAM not shared): descriptors fault */
+	uint64_t map_failures; /* added with one, and the engine had no memory to map it */
+};
+void vdsa_engine_get_dma_counters(struct vdsa_engine *engine, struct vdsa_dma_counters *out);
 
 /* WQs. disable waits until the WQ is empty; drain waits for every descriptor the WQ
  * accepted before the call (not for those a busy client adds meanwhile); abort drops the

@@ -3,7 +3,9 @@
 from vdsa_server.engine.native import (
     ALL_OPCODES,
     ENV_ENGINE,
+    DmaCounters,
     Engine,
+    EngineDmaRegion,
     EngineError,
     EngineLibrary,
     WqCounters,
@@ -13,7 +15,9 @@ from vdsa_server.engine.native import (
 __all__ = [
     "ALL_OPCODES",
     "ENV_ENGINE",
+    "DmaCounters",
     "Engine",
+    "EngineDmaRegion",
     "EngineError",
     "EngineLibrary",
     "WqCounters",

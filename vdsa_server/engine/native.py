@@ -58,6 +58,31 @@ class _Counters(ctypes.Structure):
                 ("dropped_torn", c_uint64), ("errors", c_uint64)]
 
 
+class _DmaRegion(ctypes.Structure):
+    _fields_ = [("iova", c_uint64), ("length", c_uint64), ("prot", c_uint32)]
+
+
+class _DmaCounters(ctypes.Structure):
+    _fields_ = [("maps", c_uint64), ("unmaps", c_uint64), ("unreachable", c_uint64),
+                ("map_failures", c_uint64)]
+
+
+@dataclass(frozen=True)
+class EngineDmaRegion:
+    iova: int
+    length: int
+    prot: int  # PROT_READ | PROT_WRITE
+
+
+@dataclass(frozen=True)
+class DmaCounters:
+    """What the engine's DMA callbacks did with the client's maps and unmaps."""
+    maps: int
+    unmaps: int
+    unreachable: int  # mapped without an fd: nothing the engine can reach, so they fault
+    map_failures: int  # the engine had no memory for them: they fault too
+
+
 @dataclass(frozen=True)
 class WqCounters:
     submitted: int
@@ -100,6 +125,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any], Callable[..., int] | None]] = {
     "vdsa_engine_reset": (None, [_ENGINE], None),
     "vdsa_engine_get_counters": (c_int, [_ENGINE, c_uint32, POINTER(_Counters)],
                                  _check_errno),
+    "vdsa_engine_dma_regions": (c_uint64, [_ENGINE, POINTER(_DmaRegion), c_uint64], None),
+    "vdsa_engine_get_dma_counters": (None, [_ENGINE, POINTER(_DmaCounters)], None),
     "vdsa_engine_execute": (c_int, [_ENGINE, c_uint32, c_void_p], _check_errno),
     "vdsa_engine_set_int_handle": (c_int, [_ENGINE, c_uint32, c_bool], _check_errno),
     "vdsa_engine_irq_mask": (None, [_ENGINE, c_uint32, c_uint32, c_bool], None),
@@ -216,7 +243,8 @@ class Engine:
         return int(self._c.vdsa_engine_stray_descriptors(self._e))
 
     def attach_vfu(self, ctx_pointer: int, bar2_size: int) -> None:
-        """Own BAR2 of the libvfio-user context (mappable if ``map_portals`` came first) and
+        """Own BAR2 of the libvfio-user context (mappable if ``map_portals`` came first),
+        take its DMA maps and unmaps (in C: a vIOMMU guest sends a pair per page) and
         trigger its interrupts."""
         self._c.vdsa_engine_attach_vfu(self._e, ctx_pointer, bar2_size)
 
@@ -250,6 +278,22 @@ class Engine:
         """Unmap; returns once no descriptor in progress can touch the range."""
         self._c.vdsa_engine_dma_unmap(self._e, iova, length)
         self._buffers.pop(iova, None)
+
+    def dma_regions(self) -> list[EngineDmaRegion]:
+        """The regions the engine translates, in IOVA order."""
+        count = int(self._c.vdsa_engine_dma_regions(self._e, None, 0))
+        while True:
+            out = (_DmaRegion * count)()
+            now = int(self._c.vdsa_engine_dma_regions(self._e, out, count))
+            if now <= count:  # else a map came in between: ask again with room for it
+                return [EngineDmaRegion(r.iova, r.length, r.prot) for r in out[:now]]
+            count = now
+
+    def dma_counters(self) -> DmaCounters:
+        out = _DmaCounters()
+        self._c.vdsa_engine_get_dma_counters(self._e, ctypes.byref(out))
+        result: DmaCounters = _from_struct(DmaCounters, out)
+        return result
 
     # --- WQs ---
 
