@@ -4,6 +4,7 @@ itself is tests/test_boot_bench.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,8 +12,12 @@ from pathlib import Path
 import pytest
 
 from vdsa_server.bench.guest import (
+    DMATEST_ENDS,
+    DMATEST_STARTS,
+    Footprint,
     GuestBenchError,
     GuestBenchPlan,
+    host_cost,
     iommu_cost,
     measure,
     portal_measurements,
@@ -128,6 +133,38 @@ def test_the_viommu_cost_is_dmatest_behind_it_against_without(mode: Iommu) -> No
     assert cost.reference == "the same dmatest without a vIOMMU"
     assert cost.ratio == 0.25
     assert cost.extra == {"iops": 500.0, "reference_iops": 2000.0}
+
+
+MARKS = {DMATEST_STARTS: Footprint(at=10.0, vdsa_cpu=3.0, qemu_cpu=20.0, dma_maps=100,
+                                   dma_unmaps=90),
+         DMATEST_ENDS: Footprint(at=12.0, vdsa_cpu=3.4, qemu_cpu=23.0, dma_maps=1700,
+                                 dma_unmaps=1690)}
+
+
+def test_the_host_cost_of_a_copy_is_taken_between_dmatest_start_and_end() -> None:
+    assert host_cost(MARKS, 200, where=guest_run(results())) == {
+        "host_wall_us_per_copy": 10_000.0, "dma_maps_per_copy": 8.0,
+        "dma_unmaps_per_copy": 8.0, "vdsa_cpu_us_per_copy": pytest.approx(2_000.0),
+        "qemu_cpu_us_per_copy": 15_000.0}
+
+
+@pytest.mark.parametrize("seen", [DMATEST_STARTS, DMATEST_ENDS])
+def test_a_dmatest_not_seen_to_start_and_end_has_no_host_cost(seen: str) -> None:
+    with pytest.raises(GuestBenchError, match="not seen to start and end"):
+        host_cost({seen: MARKS[seen]}, 200, where=guest_run(results()))
+
+
+def test_the_viommu_cost_carries_both_runs_host_cost() -> None:
+    run = guest_run(results())
+    without = measure(run, PLAN)
+    without = dataclasses.replace(without, extra={**without.extra,
+                                                  "vdsa_cpu_us_per_copy": 100.0})
+    behind = dataclasses.replace(without, extra={**without.extra, **host_cost(MARKS, 200,
+                                                                              where=run)})
+    cost = iommu_cost(without, behind, Iommu.LEGACY)
+    assert cost.extra["vdsa_cpu_us_per_copy"] == pytest.approx(2_000.0)
+    assert cost.extra["reference_vdsa_cpu_us_per_copy"] == 100.0
+    assert cost.extra["dma_maps_per_copy"] == 8.0
 
 
 def portal_results(size: int, **changed: str) -> dict[str, str]:

@@ -12,6 +12,8 @@ Figures from a run that failed, lost copies or missed a result are an error, nev
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +24,10 @@ from vdsa_server.bench.results import Measurement
 from vdsa_server.builds.guest_image import GuestImage
 from vdsa_server.device.config import DeviceConfig
 from vdsa_server.launch import console
-from vdsa_server.launch.launcher import BootSpec, GuestRun, Iommu, boot_with_server
+from vdsa_server.launch.launcher import BootSpec, GuestRun, Iommu, boot_served
 from vdsa_server.log import get_logger
 from vdsa_server.paths import QEMU_CONFIGS
+from vdsa_server.server import VdsaServer
 
 log = get_logger()
 
@@ -41,6 +44,11 @@ PORTAL_SIZES = (64, 4096)
 PORTAL_FIGURES = ("size", "window", "descriptors", "failed", "lost", "wrong_data", "seconds",
                   "rate", "memcpy_copies", "memcpy_seconds", "memcpy_rate")
 LAST_LINES = 15
+# dmatest.sh's results around the copies of its run: the channel just before ``run`` is
+# written, the seconds just after the last thread's summary (within its 1 s poll).
+DMATEST_STARTS = "bench.dmatest.channel"
+DMATEST_ENDS = "bench.dmatest.seconds"
+QEMU_COMM = "qemu-system-x86"
 
 
 class GuestBenchError(RuntimeError):
@@ -55,6 +63,41 @@ class GuestBench:
 
     measurements: list[Measurement]
     run: GuestRun
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What the host had spent at one moment of a bench boot."""
+
+    at: float  # time.monotonic()
+    vdsa_cpu: float  # seconds of this process: the server (its loop, libvfio-user, the
+    # engine's threads) and the launcher reading the console
+    qemu_cpu: float  # seconds of QEMU (its vCPU thread runs the guest's IOMMU driver too)
+    dma_maps: int
+    dma_unmaps: int
+
+
+def qemu_cpu_seconds() -> float:
+    """CPU time of the QEMU this process started (0 before it runs)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() != QEMU_COMM:
+                    continue
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue  # gone between the listing and the read
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def footprint(server: VdsaServer) -> Footprint:
+    times = os.times()
+    dma = server.engine.dma_counters()
+    return Footprint(time.monotonic(), times.user + times.system, qemu_cpu_seconds(),
+                     dma.maps, dma.unmaps)
 
 
 @dataclass(frozen=True)
@@ -105,12 +148,24 @@ async def run_guest_bench(
     # The server's socket goes there before the launcher would create it.
     await trio.Path(log_dir).mkdir(parents=True, exist_ok=True)
     files = {name: (SCRIPTS / name).read_bytes() for name in ("bench.sh", "dmatest.sh")}
-    spec = BootSpec(script=plan.script, files=files, socket=log_dir / "vdsa.sock",
+    socket = log_dir / "vdsa.sock"
+    spec = BootSpec(script=plan.script, files=files, socket=socket,
                     log_dir=log_dir, timeout=boot_timeout, guest=guest, iommu=iommu)
     log.info("bench.guest.start", threads=plan.threads, iterations=plan.iterations,
              size=plan.size, copies=plan.copies, log_dir=str(log_dir))
-    run = await boot_with_server(spec, config or DeviceConfig(), on_event)
+    server = VdsaServer(socket, config or DeviceConfig())
+    marks: dict[str, Footprint] = {}
+
+    def watch(event: console.Event) -> None:
+        if isinstance(event, console.Result) and event.name in (DMATEST_STARTS, DMATEST_ENDS):
+            marks[event.name] = footprint(server)
+        if on_event is not None:
+            on_event(event)
+
+    run = await boot_served(spec, server, watch)
     measurement = measure(run, plan, iommu)
+    measurement = dataclasses.replace(measurement, extra={
+        **measurement.extra, **host_cost(marks, float(measurement.extra["tests"]), where=run)})
     portals = portal_measurements(run, plan)
     log.info("bench.guest.done", dmatest_mb_s=round(measurement.value, 1),
              memcpy_mb_s=round(measurement.reference_value, 1),
@@ -165,6 +220,23 @@ def measure(run: GuestRun, plan: GuestBenchPlan, iommu: Iommu | None = None) -> 
     )
 
 
+def host_cost(marks: dict[str, Footprint], copies: float, *, where: GuestRun
+              ) -> dict[str, float]:
+    """Where the host's time went during dmatest's ``copies`` copies, a copy: wall time, DMA
+    maps and unmaps, and the CPU of vdsa and of QEMU."""
+    if DMATEST_STARTS not in marks or DMATEST_ENDS not in marks or copies <= 0:
+        raise GuestBenchError(f"dmatest's run was not seen to start and end, or made no "
+                              f"copies (console log: {where.console_log})")
+    start, end = marks[DMATEST_STARTS], marks[DMATEST_ENDS]
+    return {
+        "host_wall_us_per_copy": (end.at - start.at) * 1e6 / copies,
+        "dma_maps_per_copy": (end.dma_maps - start.dma_maps) / copies,
+        "dma_unmaps_per_copy": (end.dma_unmaps - start.dma_unmaps) / copies,
+        "vdsa_cpu_us_per_copy": (end.vdsa_cpu - start.vdsa_cpu) * 1e6 / copies,
+        "qemu_cpu_us_per_copy": (end.qemu_cpu - start.qemu_cpu) * 1e6 / copies,
+    }
+
+
 def portal_measurements(run: GuestRun, plan: GuestBenchPlan) -> list[Measurement]:
     """The portal submitter's figures of a finished bench boot (none if the plan ran none);
     ``measure`` has checked the run's steps."""
@@ -195,7 +267,10 @@ def iommu_cost(without: Measurement, behind: Measurement, iommu: Iommu) -> Measu
         group="guest vIOMMU", case=f"dmatest behind the vIOMMU ({iommu.value})", unit="MB/s",
         value=behind.value, reference="the same dmatest without a vIOMMU",
         reference_value=without.value,
-        extra={"iops": behind.extra["iops"], "reference_iops": without.extra["iops"]})
+        extra={"iops": behind.extra["iops"], "reference_iops": without.extra["iops"],
+               **{key: value for key, value in behind.extra.items() if "_per_copy" in key},
+               **{f"reference_{key}": value for key, value in without.extra.items()
+                  if "_per_copy" in key}})
 
 
 def _figures(run: GuestRun, prefix: str, names: Iterable[str], where: str) -> dict[str, float]:

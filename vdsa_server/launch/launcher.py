@@ -34,6 +34,7 @@ from vdsa_server.paths import QEMU_CONFIGS
 
 if TYPE_CHECKING:
     from vdsa_server.device.config import DeviceConfig
+    from vdsa_server.server import VdsaServer
 
 log = get_logger()
 
@@ -559,8 +560,15 @@ async def boot_with_server(spec: BootSpec, config: DeviceConfig,
 
     if spec.socket is None:
         raise ValueError("boot_with_server needs spec.socket, where its server listens")
+    return await boot_served(spec, VdsaServer(spec.socket, config), stream)
+
+
+async def boot_served(spec: BootSpec, server: VdsaServer,
+                      stream: Callable[[console.Event], None] | None = None) -> GuestRun:
+    """Boot against ``server`` (listening at ``spec.socket``), serving for the boot only: a
+    caller that keeps the server can read its engine as the guest runs."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(VdsaServer(spec.socket, config).serve)
+        await nursery.start(server.serve)
         run = await boot(spec, stream)
         nursery.cancel_scope.cancel()
     return run
