@@ -123,6 +123,25 @@ def test_slots_of_a_disabled_wq_are_taken_and_dropped(mapped: tuple[Rig, Portals
     assert rig.status(0) == 0
 
 
+def test_a_descriptor_written_while_every_wq_is_disabled_never_runs(
+        mapped: tuple[Rig, Portals]) -> None:
+    """With no WQ enabled the poller sleeps and sweeps nothing, so the descriptor stays in its
+    slot; enabling the WQ drops it (as DSA dropped it at the portal) instead of running it,
+    long after its submitter gave it up and freed its buffers."""
+    rig, portals = mapped
+    rig.engine.disable_wq(0)
+    time.sleep(0.1)  # past the poller's spinning: asleep until a WQ is enabled
+    portals.submit_to(0, descriptor(OP_NOOP, COMPLETE, record=RECORD), slot=5)
+    time.sleep(0.05)
+    rig.engine.enable_wq(0, SETTINGS)
+    portals.submit_to(0, descriptor(OP_NOOP, COMPLETE, record=RECORD + 32), slot=6)
+    assert rig.wait_status(1) == 1
+    assert rig.status(0) == 0
+    assert portals.qword0_of(0, 5) == 0
+    counters = rig.engine.counters(0)
+    assert (counters.dropped_disabled, counters.submitted) == (1, 1)
+
+
 def test_a_full_wq_drops_what_does_not_fit(mapped: tuple[Rig, Portals]) -> None:
     rig, portals = mapped
     rig.engine.disable_wq(0)

@@ -360,6 +360,7 @@ int vdsa_engine_wq_enable(struct vdsa_engine *engine, uint32_t w,
 			  const struct vdsa_wq_config *config)
 {
 	struct wq *wq;
+	uint32_t discarded;
 	int rc;
 
 	if (w >= engine->config.num_wqs || config->size == 0 || config->engines == 0)
@@ -369,6 +370,14 @@ int vdsa_engine_wq_enable(struct vdsa_engine *engine, uint32_t w,
 	if (wq->enabled || wq->disabling) {
 		rc = -EBUSY;
 		goto out;
+	}
+	if (engine->poller) {
+		/* Not under the lock: a sweep in progress may need it to submit. The WQ stays
+		 * disabled meanwhile, and only this (the device's) thread enables WQs. */
+		pthread_mutex_unlock(&engine->lock);
+		discarded = poller_discard_wq(engine->poller, w);
+		pthread_mutex_lock(&engine->lock);
+		wq->counters.dropped_disabled += discarded;
 	}
 	free(wq->ring);
 	wq->ring = calloc(config->size, DESC_SIZE);

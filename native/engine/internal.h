@@ -237,6 +237,12 @@ struct poller *poller_create(struct vdsa_engine *engine, uint32_t size, int *err
 void poller_destroy(struct poller *poller);
 /* End the poller's sleep now (a WQ was enabled). */
 void poller_kick(struct poller *poller);
+/* Empties WQ wq's portal slots, in the poller's thread between two sweeps, and returns how
+ * many held a descriptor. For a WQ about to be enabled: descriptors written while it was
+ * disabled are dropped, as DSA drops them at the portal, never run once it is enabled (with
+ * no WQ enabled the poller sleeps and leaves them in their slots). Any sweep that took one
+ * before submitted it while the WQ was still disabled. */
+uint32_t poller_discard_wq(struct poller *poller, uint32_t wq);
 int poller_fd(const struct poller *poller);
 uint64_t poller_sleeps(struct poller *poller);
 

@@ -48,6 +48,11 @@ struct poller {
 	pthread_cond_t kick; /* a WQ was enabled, or stop */
 	bool kicked;
 	atomic_bool stop; /* read on every sweep: a busy poller may never sleep */
+	/* A discard asked of the poller's thread (poller_discard_wq), under lock. */
+	atomic_bool discard_asked; /* read on every sweep, as stop */
+	uint32_t discard_wq;
+	uint32_t discarded;
+	pthread_cond_t discard_done;
 	atomic_uint_fast64_t sleeps; /* times the poller slept, for the idle-cost figures */
 };
 
@@ -107,6 +112,25 @@ static uint32_t sweep(struct poller *poller, bool full)
 	return batch.total;
 }
 
+static void serve_discard(struct poller *poller)
+{
+	pthread_mutex_lock(&poller->lock);
+	if (poller->discard_asked) {
+		uint32_t start = poller->discard_wq * WQ_PORTALS;
+
+		poller->discarded = 0;
+		for (uint32_t offset = start; offset < start + WQ_PORTALS && offset < poller->size;
+		     offset += DESC_SIZE) {
+			uint64_t *slot = (uint64_t *)(poller->base + offset);
+
+			poller->discarded += __atomic_exchange_n(&slot[0], 0, __ATOMIC_ACQ_REL) != 0;
+		}
+		atomic_store(&poller->discard_asked, false);
+		pthread_cond_broadcast(&poller->discard_done);
+	}
+	pthread_mutex_unlock(&poller->lock);
+}
+
 static void *poll_portals(void *arg)
 {
 	struct poller *poller = arg;
@@ -115,8 +139,13 @@ static void *poll_portals(void *arg)
 	bool ran = false;
 
 	while (!atomic_load_explicit(&poller->stop, memory_order_relaxed)) {
-		bool full = ++sweeps % FULL_SWEEP_PERIOD == 0 || empty + 1 >= SPIN_SWEEPS;
-		uint32_t taken = sweep(poller, full);
+		bool full;
+		uint32_t taken;
+
+		if (atomic_load_explicit(&poller->discard_asked, memory_order_relaxed))
+			serve_discard(poller);
+		full = ++sweeps % FULL_SWEEP_PERIOD == 0 || empty + 1 >= SPIN_SWEEPS;
+		taken = sweep(poller, full);
 
 		/* Runs what it took itself when an engine would otherwise need waking. With
 		 * nothing taken and no engine held (ran is false: it gave the engine back),
@@ -134,9 +163,10 @@ static void *poll_portals(void *arg)
 		}
 		pthread_mutex_lock(&poller->lock);
 		/* With no WQ enabled there is nothing to take until an enable kicks. */
-		while (!poller->stop && !poller->kicked && !engine_enabled_wqs(poller->engine))
+		while (!poller->stop && !poller->kicked && !poller->discard_asked &&
+		       !engine_enabled_wqs(poller->engine))
 			pthread_cond_wait(&poller->kick, &poller->lock);
-		if (!poller->stop && !poller->kicked) {
+		if (!poller->stop && !poller->kicked && !poller->discard_asked) {
 			struct timespec until;
 
 			clock_gettime(CLOCK_MONOTONIC, &until);
@@ -184,9 +214,11 @@ struct poller *poller_create(struct vdsa_engine *engine, uint32_t size, int *err
 	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
 	pthread_cond_init(&poller->kick, &attr);
 	pthread_condattr_destroy(&attr);
+	pthread_cond_init(&poller->discard_done, NULL);
 	rc = pthread_create(&poller->thread, NULL, poll_portals, poller);
 	if (rc == 0)
 		return poller;
+	pthread_cond_destroy(&poller->discard_done);
 	pthread_cond_destroy(&poller->kick);
 	pthread_mutex_destroy(&poller->lock);
 	*error = -rc;
@@ -211,6 +243,7 @@ void poller_destroy(struct poller *poller)
 	pthread_cond_signal(&poller->kick);
 	pthread_mutex_unlock(&poller->lock);
 	pthread_join(poller->thread, NULL);
+	pthread_cond_destroy(&poller->discard_done);
 	pthread_cond_destroy(&poller->kick);
 	pthread_mutex_destroy(&poller->lock);
 	munmap(poller->base, poller->size);
@@ -224,6 +257,23 @@ void poller_kick(struct poller *poller)
 	poller->kicked = true;
 	pthread_cond_signal(&poller->kick);
 	pthread_mutex_unlock(&poller->lock);
+}
+
+uint32_t poller_discard_wq(struct poller *poller, uint32_t wq)
+{
+	uint32_t discarded;
+
+	pthread_mutex_lock(&poller->lock);
+	while (poller->discard_asked)
+		pthread_cond_wait(&poller->discard_done, &poller->lock);
+	poller->discard_wq = wq;
+	atomic_store(&poller->discard_asked, true);
+	pthread_cond_signal(&poller->kick);
+	while (poller->discard_asked)
+		pthread_cond_wait(&poller->discard_done, &poller->lock);
+	discarded = poller->discarded;
+	pthread_mutex_unlock(&poller->lock);
+	return discarded;
 }
 
 int poller_fd(const struct poller *poller)
