@@ -51,6 +51,17 @@ VICTIM_START = 60.0
 KILL_DELAY = (0.02, 0.3)
 
 
+def open_fd_targets(pid: int) -> list[str]:
+    """What each of ``pid``'s fds is open on, for a report of the ones it kept."""
+    targets = []
+    for fd in sorted(Path(f"/proc/{pid}/fd").iterdir(), key=lambda path: int(path.name)):
+        try:
+            targets.append(f"{fd.name}->{fd.readlink()}")
+        except FileNotFoundError:
+            continue  # closed between the listing and the read
+    return targets
+
+
 class FaultError(Exception):
     """A cycle's check failed: the server died, leaked, or the next user found it broken."""
 
@@ -156,7 +167,8 @@ class _Cycles:
                 return
             if time.monotonic() > deadline:
                 raise FaultError(f"after {what} the server holds {sample.open_fds} fds, "
-                                 f"{self.report.baseline.open_fds} before its first client")
+                                 f"{self.report.baseline.open_fds} before its first client: "
+                                 f"{', '.join(open_fd_targets(self.server.pid))}")
             await trio.sleep(0.05)
 
     async def qemu_kill(self, cycle: int) -> None:
