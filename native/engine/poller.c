@@ -131,6 +131,12 @@ static void serve_discard(struct poller *poller)
 	pthread_mutex_unlock(&poller->lock);
 }
 
+/* Something needs the poller awake now: stop, an enable's kick, a discard. Under lock. */
+static bool called(const struct poller *poller)
+{
+	return poller->stop || poller->kicked || poller->discard_asked;
+}
+
 static void *poll_portals(void *arg)
 {
 	struct poller *poller = arg;
@@ -163,10 +169,9 @@ static void *poll_portals(void *arg)
 		}
 		pthread_mutex_lock(&poller->lock);
 		/* With no WQ enabled there is nothing to take until an enable kicks. */
-		while (!poller->stop && !poller->kicked && !poller->discard_asked &&
-		       !engine_enabled_wqs(poller->engine))
+		while (!called(poller) && !engine_enabled_wqs(poller->engine))
 			pthread_cond_wait(&poller->kick, &poller->lock);
-		if (!poller->stop && !poller->kicked && !poller->discard_asked) {
+		if (!called(poller)) {
 			struct timespec until;
 
 			clock_gettime(CLOCK_MONOTONIC, &until);

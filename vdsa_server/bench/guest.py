@@ -21,6 +21,7 @@ from pathlib import Path
 import trio
 
 from vdsa_server.bench.results import Measurement
+from vdsa_server.bench.serving import process_cpu_seconds
 from vdsa_server.builds.guest_image import GuestImage
 from vdsa_server.device.config import DeviceConfig
 from vdsa_server.launch import console
@@ -79,17 +80,14 @@ class Footprint:
 
 def qemu_cpu_seconds() -> float:
     """CPU time of the QEMU this process started (0 before it runs)."""
-    tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for task in Path("/proc/self/task").iterdir():
         for pid in (task / "children").read_text().split():
             try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() != QEMU_COMM:
-                    continue
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                if Path(f"/proc/{pid}/comm").read_text().strip() == QEMU_COMM:
+                    total += process_cpu_seconds(int(pid))
             except FileNotFoundError:
                 continue  # gone between the listing and the read
-            total += (int(fields[11]) + int(fields[12])) / tick
     return total
 
 

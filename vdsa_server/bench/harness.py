@@ -26,7 +26,7 @@ import trio
 
 from vdsa_server.bench.hostref import HostOp, HostReference
 from vdsa_server.bench.results import Measurement
-from vdsa_server.bench.serving import serving
+from vdsa_server.bench.serving import process_cpu_seconds, serving
 from vdsa_server.bench.submitter import NativeSubmitter, StreamOutcome, StreamPlan
 from vdsa_server.client import GuestMemory, VfioUserClient
 from vdsa_server.client.driver import (
@@ -137,11 +137,7 @@ class CpuClock:
 
     def read(self) -> tuple[float, float]:
         times = os.times()
-        with open(f"/proc/{self.server_pid}/stat") as stat:
-            # Fields 14 and 15 (utime, stime) after the parenthesised command name.
-            fields = stat.read().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return times.user + times.system, (int(fields[11]) + int(fields[12])) / ticks
+        return times.user + times.system, process_cpu_seconds(self.server_pid)
 
 
 @dataclass(frozen=True)

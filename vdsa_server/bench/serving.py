@@ -115,3 +115,10 @@ def sample_process(pid: int) -> ProcessSample:
         if line.startswith("VmRSS:"):
             return ProcessSample(int(line.split()[1]) * 1024, fds)
     raise ServeError(f"process {pid} has no VmRSS: it is exiting")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of ``pid`` so far; FileNotFoundError if it is gone."""
+    # Fields 14 and 15 (utime, stime) after the parenthesised command name.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
