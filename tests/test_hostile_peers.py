@@ -4,7 +4,9 @@ shipped, each made `vdsa serve` exit (EBADF on a socket that a reset had closed)
 
 from __future__ import annotations
 
+import array
 import errno
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -116,3 +118,36 @@ async def test_zero_byte_region_access_is_refused(tmp_path: Path) -> None:
             assert reply.header.is_error
             assert reply.header.error == errno.EINVAL
         assert await client.config_read(PCI_VENDOR_ID, 2) == 0x8086
+
+
+def fds_open_on(name: str) -> int:
+    """This process's fds open on the memfd called ``name`` (the server runs here)."""
+    return sum(os.readlink(f"/proc/self/fd/{fd}") == f"/memfd:{name} (deleted)"
+               for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+
+
+SCM_MAX_FD = 253  # the most fds Linux passes in one message
+
+
+@pytest.mark.parametrize("fds", [1, SCM_MAX_FD])
+@pytest.mark.parametrize("sent", [1, 8, HEADER_SIZE - 1])
+async def test_fds_that_come_with_a_short_header_are_closed(tmp_path: Path, fds: int,
+                                                            sent: int) -> None:
+    """A peer that sends part of a header with fds and hangs up: libvfio-user took the fds
+    and then refused the header, so the fds stayed open in the server; every such
+    connection cost it up to 253, and a few dozen of them used up its fd limit."""
+    sock = tmp_path / "dsa.sock"
+    name = "short-header-fds"
+    memory = os.memfd_create(name)
+    try:
+        header = encode_message(1, Command.DMA_MAP, bytes(32))[:sent]
+        async with running_server(sock) as server:
+            for _ in range(ROUNDS):
+                before = server.connections
+                async with handshaken_peer(sock) as peer:
+                    await peer.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   array.array("i", [memory] * fds))])
+                await still_serves(sock, server, before)
+                assert fds_open_on(name) == 1  # this test's own
+    finally:
+        os.close(memory)

@@ -78,6 +78,9 @@ from vdsa_server.transport.libvfio_user import (
 )
 from vdsa_server.transport.socket_path import claim_socket_path
 
+# Logged once the device is set up and the socket listens: from then on its fds are those of
+# a server waiting for its first client.
+LISTENING_EVENT = "server.listening"
 log = get_logger()
 
 PEER_IO_TIMEOUT = 5.0
@@ -142,7 +145,7 @@ class VdsaServer:
                 self.access.apply(self.socket_path)
                 self._set_up(ctx)
                 ctx.realize()
-                log.info("server.listening", socket=str(self.socket_path),
+                log.info(LISTENING_EVENT, socket=str(self.socket_path),
                          wqs=self.config.num_wqs, mode=self.config.mode.value,
                          socket_mode=oct(self.access.mode),
                          allowed_uids=sorted(self.access.allowed_uids),

@@ -16,11 +16,11 @@ import trio
 from vdsa_server.builds.engine_build import Variant, engine_artifact, sanitizer_preload
 from vdsa_server.builds.libvfio_user_build import cached_sanitized_library
 from vdsa_server.engine import ENV_ENGINE
+from vdsa_server.server import LISTENING_EVENT
 from vdsa_server.transport.libvfio_user import ENV_LIBRARY
 
 SERVER_START = 30.0  # seconds for `vdsa serve` to listen (Python, the engine, sanitizers)
 LOG_TAIL = 3000  # characters of a failed server's log in the error
-SO_ACCEPTCON = 0x10000  # a listening socket's flag in /proc/net/unix (include/linux/net.h)
 # The quarantine keeps freed memory from reuse to catch use-after-free; bounded, so that the
 # memory-growth check sees the server's own growth and not ASan's.
 ASAN_OPTIONS = "detect_leaks=0:quarantine_size_mb=16:abort_on_error=1"
@@ -71,7 +71,7 @@ async def serving(socket: Path, log_file: Path, env: Mapping[str, str] | None = 
             try:
                 # Python, the engine (and sanitizers, in tests) load first: a slow start.
                 with trio.fail_after(SERVER_START):
-                    while not _listening(socket):
+                    while not said_listening(log_file):
                         if process.returncode is not None:
                             raise ServeError(f"vdsa serve exited with {process.returncode}; "
                                              f"{log_tail(log_file)}")
@@ -81,16 +81,11 @@ async def serving(socket: Path, log_file: Path, env: Mapping[str, str] | None = 
                 nursery.cancel_scope.cancel()
 
 
-def _listening(socket: Path) -> bool:
-    """Whether the socket bound at ``socket`` listens yet: its file exists from bind() on, and
-    a connect before listen() is refused.  ``/proc/net/unix`` shows it without connecting
-    (which the server would take for its client): __SO_ACCEPTCON in the flags."""
-    path = str(socket)
-    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & SO_ACCEPTCON:
-            return True
-    return False
+def said_listening(log_file: Path) -> bool:
+    """Whether the server has said it listens: its socket listens from before the device is
+    set up (libvfio-user binds it when the context is created), so a sample of the server's
+    fds taken then can miss some that it keeps for good, such as the portals' memfd."""
+    return LISTENING_EVENT in log_file.read_text(errors="replace")
 
 
 def log_tail(log_file: Path) -> str:

@@ -14,6 +14,7 @@ from types import TracebackType
 from vdsa_server.bench.serving import (
     ProcessSample,
     ServeError,
+    said_listening,
     sample_process,
     sanitized_environment,
 )
@@ -41,7 +42,7 @@ class FuzzTarget:
              "--socket", str(self.socket)],
             stdout=subprocess.DEVNULL, stderr=self._log, env=sanitized_environment())
         deadline = time.monotonic() + START_LIMIT
-        while not self.socket.exists():
+        while not said_listening(self.log_path):
             self.check_alive()
             if time.monotonic() > deadline:
                 self.close()
